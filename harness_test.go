@@ -1,0 +1,530 @@
+package ssefanout
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"regexp"
+	"runtime"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+	_ "github.com/caddyserver/caddy/v2/modules/standard"
+)
+
+// This file holds what the end-to-end tests share: a real Caddy loaded
+// from a Caddyfile in this process, a real origin on loopback, streaming
+// clients on real sockets, and the goroutine-leak check.
+
+// freePort returns a loopback port that was free a moment ago.
+func freePort(t testing.TB) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatalf("finding a free port: %v", err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// loadCaddyfile adapts and loads a Caddyfile, replacing the running config
+// (a reload when one is running). It fails the test if Caddy refuses it.
+func loadCaddyfile(t testing.TB, src string) {
+	t.Helper()
+	if err := tryLoadCaddyfile(src); err != nil {
+		t.Fatalf("loading Caddyfile: %v\n%s", err, src)
+	}
+}
+
+func tryLoadCaddyfile(src string) error {
+	adapter := caddyfile.Adapter{ServerType: httpcaddyfile.ServerType{}}
+	cfg, _, err := adapter.Adapt([]byte(src), map[string]any{"filename": "Caddyfile"})
+	if err != nil {
+		return err
+	}
+	return caddy.Load(cfg, true)
+}
+
+// startCaddy loads a Caddyfile whose site serves on a fresh port and stops
+// Caddy when the test ends. body is the site block's content.
+func startCaddy(t testing.TB, body string) (base string) {
+	t.Helper()
+	port := freePort(t)
+	loadCaddyfile(t, caddyfileFor(port, body))
+	t.Cleanup(func() { _ = caddy.Stop() })
+	base = fmt.Sprintf("http://127.0.0.1:%d", port)
+	waitUp(t, base)
+	return base
+}
+
+func caddyfileFor(port int, body string) string {
+	return fmt.Sprintf(`{
+	admin off
+	auto_https off
+	persist_config off
+	grace_period 2s
+}
+http://127.0.0.1:%d {
+	bind 127.0.0.1
+	%s
+}
+`, port, body)
+}
+
+// waitUp waits until something answers on base.
+func waitUp(t testing.TB, base string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		c, err := net.DialTimeout("tcp", strings.TrimPrefix(base, "http://"), time.Second)
+		if err == nil {
+			c.Close()
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatalf("caddy did not start listening on %s", base)
+}
+
+// origin is a real SSE origin on loopback whose events the test controls.
+type origin struct {
+	t    testing.TB
+	srv  *http.Server
+	ln   net.Listener
+	URL  string
+	mu   sync.Mutex
+	subs map[string]map[*originConn]bool
+	// handler, when set, answers instead of the default stream.
+	handler atomic.Pointer[http.HandlerFunc]
+	// prelude is written at the start of every stream.
+	prelude atomic.Pointer[string]
+
+	total    atomic.Int64 // connections ever
+	requests chan *http.Request
+}
+
+type originConn struct {
+	path string
+	out  chan []byte
+	drop chan struct{}
+	req  *http.Request
+}
+
+// newOrigin starts an origin. Every request is recorded in o.requests
+// (buffered; the oldest are dropped when nobody reads them).
+func newOrigin(t testing.TB) *origin {
+	t.Helper()
+	o := &origin{t: t, subs: map[string]map[*originConn]bool{}, requests: make(chan *http.Request, 1024)}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	o.ln = ln
+	o.URL = "http://" + ln.Addr().String()
+	o.srv = &http.Server{Handler: http.HandlerFunc(o.serve)}
+	go func() { _ = o.srv.Serve(ln) }()
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		o.dropAll()
+		_ = o.srv.Shutdown(ctx)
+	})
+	return o
+}
+
+func (o *origin) serve(w http.ResponseWriter, r *http.Request) {
+	o.total.Add(1)
+	select {
+	case o.requests <- r.Clone(context.Background()):
+	default:
+	}
+	if hf := o.handler.Load(); hf != nil {
+		(*hf)(w, r)
+		return
+	}
+	c := &originConn{path: r.URL.RequestURI(), out: make(chan []byte, 4096), drop: make(chan struct{}), req: r}
+	o.mu.Lock()
+	if o.subs[c.path] == nil {
+		o.subs[c.path] = map[*originConn]bool{}
+	}
+	o.subs[c.path][c] = true
+	o.mu.Unlock()
+	defer func() {
+		o.mu.Lock()
+		delete(o.subs[c.path], c)
+		o.mu.Unlock()
+	}()
+	w.Header().Set("Content-Type", "text/event-stream")
+	w.Header().Set("X-Origin", "yes")
+	w.WriteHeader(http.StatusOK)
+	if p := o.prelude.Load(); p != nil {
+		_, _ = io.WriteString(w, *p)
+	}
+	http.NewResponseController(w).Flush()
+	for {
+		select {
+		case b := <-c.out:
+			if _, err := w.Write(b); err != nil {
+				return
+			}
+			http.NewResponseController(w).Flush()
+		case <-c.drop:
+			return
+		case <-r.Context().Done():
+			return
+		}
+	}
+}
+
+// setHandler makes the origin answer with f instead of the default stream.
+func (o *origin) setHandler(f http.HandlerFunc) {
+	if f == nil {
+		o.handler.Store(nil)
+		return
+	}
+	o.handler.Store(&f)
+}
+
+// send writes raw bytes to every open stream of path (the request URI).
+func (o *origin) send(path, raw string) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	for c := range o.subs[path] {
+		c.out <- []byte(raw)
+	}
+}
+
+// open returns how many streams of path are open.
+func (o *origin) open(path string) int {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return len(o.subs[path])
+}
+
+// openTotal returns how many streams are open on all paths.
+func (o *origin) openTotal() int {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	n := 0
+	for _, m := range o.subs {
+		n += len(m)
+	}
+	return n
+}
+
+// dropPath closes every open stream of path after what was sent so far.
+func (o *origin) dropPath(path string) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	for c := range o.subs[path] {
+		close(c.drop)
+		delete(o.subs[path], c)
+	}
+}
+
+func (o *origin) dropAll() {
+	o.mu.Lock()
+	paths := make([]string, 0, len(o.subs))
+	for p := range o.subs {
+		paths = append(paths, p)
+	}
+	o.mu.Unlock()
+	for _, p := range paths {
+		o.dropPath(p)
+	}
+}
+
+// waitOpen waits until path has n open streams.
+func (o *origin) waitOpen(t testing.TB, path string, n int, within time.Duration) {
+	t.Helper()
+	eventually(t, within, func() bool { return o.open(path) == n }, func() string {
+		return fmt.Sprintf("origin streams open on %s: got %d, want %d", path, o.open(path), n)
+	})
+}
+
+// eventually polls cond until it holds or within passes.
+func eventually(t testing.TB, within time.Duration, cond func() bool, msg func() string) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatal(msg())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// sseClient is a streaming client on a real socket that keeps every byte
+// of the body it received.
+type sseClient struct {
+	resp   *http.Response
+	mu     sync.Mutex
+	body   bytes.Buffer
+	done   chan struct{}
+	err    error
+	cancel context.CancelFunc
+}
+
+// clientTransport is shared by the tests' clients: no connection reuse
+// limits, no compression, loopback only.
+func newClientTransport() *http.Transport {
+	return &http.Transport{
+		MaxIdleConnsPerHost: 1000,
+		DisableCompression:  true,
+		DialContext:         (&net.Dialer{Timeout: 5 * time.Second}).DialContext,
+	}
+}
+
+var sharedTransport = newClientTransport()
+
+// connect opens a stream and returns once the response headers arrived.
+func connect(t testing.TB, url string, hdr http.Header) *sseClient {
+	t.Helper()
+	c, err := tryConnect(sharedTransport, url, hdr)
+	if err != nil {
+		t.Fatalf("connecting to %s: %v", url, err)
+	}
+	t.Cleanup(c.close)
+	return c
+}
+
+func tryConnect(rt http.RoundTripper, url string, hdr http.Header) (*sseClient, error) {
+	ctx, cancel := context.WithCancel(context.Background())
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		cancel()
+		return nil, err
+	}
+	req.Header.Set("Accept", "text/event-stream")
+	for k, v := range hdr {
+		req.Header[k] = v
+	}
+	resp, err := rt.RoundTrip(req)
+	if err != nil {
+		cancel()
+		return nil, err
+	}
+	c := &sseClient{resp: resp, done: make(chan struct{}), cancel: cancel}
+	go c.read()
+	return c, nil
+}
+
+func (c *sseClient) read() {
+	defer close(c.done)
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := c.resp.Body.Read(buf)
+		if n > 0 {
+			c.mu.Lock()
+			c.body.Write(buf[:n])
+			c.mu.Unlock()
+		}
+		if err != nil {
+			c.mu.Lock()
+			if err != io.EOF {
+				c.err = err
+			}
+			c.mu.Unlock()
+			return
+		}
+	}
+}
+
+// bytes returns what the client received so far.
+func (c *sseClient) bytes() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.body.String()
+}
+
+// events returns the received body without keepalive comments.
+func (c *sseClient) events() string {
+	return stripComments(c.bytes())
+}
+
+var commentLine = regexp.MustCompile(`(?m)^:[^\n]*\n`)
+
+func stripComments(s string) string {
+	if !strings.HasPrefix(s, ":") && !strings.Contains(s, "\n:") {
+		return s
+	}
+	return commentLine.ReplaceAllString(s, "")
+}
+
+// ended reports whether the body has ended.
+func (c *sseClient) ended() bool {
+	select {
+	case <-c.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// cleanEnd reports whether the body ended with a normal end of stream.
+func (c *sseClient) cleanEnd() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.err == nil
+}
+
+func (c *sseClient) close() {
+	c.cancel()
+	<-c.done
+	c.resp.Body.Close()
+}
+
+// waitFor waits until the client's events (comments stripped) contain want.
+func (c *sseClient) waitFor(t testing.TB, want string, within time.Duration) {
+	t.Helper()
+	eventually(t, within, func() bool { return strings.Contains(c.events(), want) }, func() string {
+		return fmt.Sprintf("client did not receive %q within %v; got %q", truncate(want, 200), within, truncate(c.bytes(), 500))
+	})
+}
+
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n] + fmt.Sprintf("...(%d bytes)", len(s))
+}
+
+// waitEnded waits until the client's body has ended.
+func (c *sseClient) waitEnded(t testing.TB, within time.Duration) {
+	t.Helper()
+	select {
+	case <-c.done:
+	case <-time.After(within):
+		t.Fatalf("stream did not end within %v; got %q", within, truncate(c.bytes(), 500))
+	}
+}
+
+// pkgGoroutines counts the goroutines running this package's non-test code.
+func pkgGoroutines() (int, string) {
+	buf := make([]byte, 8<<20)
+	buf = buf[:runtime.Stack(buf, true)]
+	n := 0
+	var sample string
+	for g := range strings.SplitSeq(string(buf), "\n\n") {
+		if pkgFrame.MatchString(g) {
+			n++
+			if sample == "" {
+				sample = g
+			}
+		}
+	}
+	return n, sample
+}
+
+var pkgFrame = regexp.MustCompile(`caddy-sse-fanout/(module|fanout|upstream|hub|event|caddyfile|metrics|admin)\.go`)
+
+// checkNoLeaks fails the test unless the package's goroutines go back to
+// zero within 10 s: every client, stream and upstream loop has returned.
+func checkNoLeaks(t testing.TB) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		n, sample := pkgGoroutines()
+		if n == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d goroutines of the package still running, e.g.:\n%s", n, sample)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// leakCheck registers checkNoLeaks to run after the test's other cleanups
+// (Caddy stopped, clients closed): call it first in a test.
+func leakCheck(t *testing.T) {
+	t.Cleanup(func() { checkNoLeaks(t) })
+}
+
+// rawLines reads an HTTP/1.1 response head from a raw connection, for
+// tests that need to see exactly what went over the wire.
+func rawLines(r *bufio.Reader) (string, error) {
+	var b strings.Builder
+	for {
+		line, err := r.ReadString('\n')
+		b.WriteString(line)
+		if err != nil || line == "\r\n" {
+			return b.String(), err
+		}
+	}
+}
+
+// newOriginOn starts an origin on a given loopback port (for an origin
+// that comes up after the proxy started trying it).
+func newOriginOn(t testing.TB, port int) *origin {
+	t.Helper()
+	o := &origin{t: t, subs: map[string]map[*originConn]bool{}, requests: make(chan *http.Request, 1024)}
+	ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	o.ln = ln
+	o.URL = "http://" + ln.Addr().String()
+	o.srv = &http.Server{Handler: http.HandlerFunc(o.serve)}
+	go func() { _ = o.srv.Serve(ln) }()
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		o.dropAll()
+		_ = o.srv.Shutdown(ctx)
+	})
+	return o
+}
+
+// dialStuck opens a stream on a raw socket with a small receive buffer and
+// never reads from it: a client that stopped reading.
+func dialStuck(t testing.TB, base, path string) net.Conn {
+	t.Helper()
+	addr := strings.TrimPrefix(base, "http://")
+	conn, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = conn.(*net.TCPConn).SetReadBuffer(4096)
+	t.Cleanup(func() { conn.Close() })
+	fmt.Fprintf(conn, "GET %s HTTP/1.1\r\nHost: %s\r\nAccept: text/event-stream\r\n\r\n", path, addr)
+	return conn
+}
+
+// findStream returns the live stream whose upstream path is path.
+func findStream(t testing.TB, path string) *stream {
+	t.Helper()
+	var found *stream
+	eventually(t, 5*time.Second, func() bool {
+		hubs.Range(func(_, v any) bool {
+			h := v.(*hub)
+			h.mu.Lock()
+			defer h.mu.Unlock()
+			for _, s := range h.streams {
+				if s.target.Path == path {
+					found = s
+				}
+			}
+			return found == nil
+		})
+		return found != nil
+	}, func() string { return "no stream for " + path })
+	return found
+}
+
+// clientCount returns how many clients a stream has.
+func clientCount(s *stream) int {
+	s.hub.mu.Lock()
+	defer s.hub.mu.Unlock()
+	return s.clients
+}

@@ -1,0 +1,277 @@
+package ssefanout
+
+import (
+	"context"
+	"hash/fnv"
+	"net/http"
+	"net/url"
+	"slices"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/headers"
+	"go.uber.org/zap"
+)
+
+// hubs holds one hub per handler identity. It outlives config reloads, so
+// that a reload which keeps a handler's identity keeps its upstream
+// connections and histories.
+var hubs = caddy.NewUsagePool()
+
+// hubSettings are the options that shape a hub's streams rather than one
+// client's view of them. They apply to a surviving hub only once the config
+// that sets them serves requests.
+type hubSettings struct {
+	history      int
+	historyBytes int64
+	maxEventSize int64
+	linger       time.Duration
+	maxStreams   int
+	idleTimeout  time.Duration
+}
+
+// hub is the shared state of every handler with the same identity: the
+// streams by key, and what their upstream requests are made with.
+type hub struct {
+	tmpl     *upstreamTemplate
+	vary     []string
+	headerUp *headers.HeaderOps
+
+	// ctx is the hub's own lifetime, not a config's: it ends when the last
+	// config using the hub is gone.
+	ctx    context.Context
+	cancel context.CancelFunc
+
+	// exit is closed when the process exits: every client ends at once,
+	// including those of older configs that are still draining.
+	exit     chan struct{}
+	exitOnce sync.Once
+
+	mu       sync.Mutex
+	streams  map[string]*stream
+	settings hubSettings
+	rt       http.RoundTripper
+	logger   *zap.Logger
+	// handlers are the provisioned handlers sharing this hub; active is the
+	// one whose settings, transport and logger are in force.
+	handlers []*Handler
+	active   *Handler
+}
+
+func newHub(tmpl *upstreamTemplate, vary []string, headerUp *headers.HeaderOps, rt http.RoundTripper, settings hubSettings, logger *zap.Logger) *hub {
+	ctx, cancel := context.WithCancel(context.Background())
+	return &hub{
+		tmpl:     tmpl,
+		vary:     vary,
+		headerUp: headerUp,
+		ctx:      ctx,
+		cancel:   cancel,
+		exit:     make(chan struct{}),
+		streams:  make(map[string]*stream),
+		settings: settings,
+		rt:       rt,
+		logger:   logger,
+	}
+}
+
+// Destruct ends every stream of the hub; the pool calls it when the last
+// config using the hub is cleaned up.
+func (h *hub) Destruct() error {
+	h.cancel()
+	h.mu.Lock()
+	for _, s := range h.streams {
+		s.stopLinger()
+	}
+	clear(h.streams)
+	h.mu.Unlock()
+	return nil
+}
+
+// propose registers a provisioned handler. Two handlers of one config that
+// share the hub must agree on its settings, since only one set can apply.
+func (h *hub) propose(ctx caddy.Context, hd *Handler) error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for _, other := range h.handlers {
+		if other.configDone == ctx.Done() && other.settings != hd.settings {
+			return errConflictingSettings
+		}
+	}
+	hd.configDone = ctx.Done()
+	h.handlers = append(h.handlers, hd)
+	return nil
+}
+
+// activate puts a handler's settings, transport and logger in force for
+// the hub and its existing streams.
+func (h *hub) activate(hd *Handler) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if !slices.Contains(h.handlers, hd) {
+		return
+	}
+	h.active = hd
+	h.settings = hd.settings
+	h.rt = hd.transport
+	h.logger = hd.logger
+	for _, s := range h.streams {
+		s.resize(hd.settings)
+	}
+}
+
+// withdraw unregisters a handler whose config is being cleaned up. If it
+// was the active one, the newest remaining handler takes over, so that new
+// upstream requests never use a transport that was cleaned up.
+func (h *hub) withdraw(hd *Handler) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.handlers = slices.DeleteFunc(h.handlers, func(o *Handler) bool { return o == hd })
+	if h.active == hd && len(h.handlers) > 0 {
+		next := h.handlers[len(h.handlers)-1]
+		h.active, h.rt, h.logger = next, next.transport, next.logger
+	}
+}
+
+// transport returns the round tripper and logger in force.
+func (h *hub) transport() (http.RoundTripper, *zap.Logger, hubSettings) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.rt, h.logger, h.settings
+}
+
+// attach finds or creates the stream for key and counts a new client on
+// it. It refuses the client when the stream is full or no new stream may
+// be created.
+func (h *hub) attach(key string, target *url.URL, reqHeader http.Header, lastID string, hasLastID bool, maxClients int) (*stream, bool) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	s := h.streams[key]
+	if s == nil {
+		if h.ctx.Err() != nil || (h.settings.maxStreams > 0 && len(h.streams) >= h.settings.maxStreams) {
+			return nil, true
+		}
+		initialID := ""
+		if hasLastID {
+			initialID = lastID
+		}
+		s = newStream(h, key, target, h.forwardHeader(reqHeader), initialID, h.settings)
+		h.streams[key] = s
+		go s.run()
+	}
+	if maxClients > 0 && s.clients >= maxClients {
+		return nil, true
+	}
+	s.clients++
+	s.stopLinger()
+	return s, false
+}
+
+// detach uncounts a client. The last client to leave starts the linger
+// timer, after which the stream is closed unless a client came back.
+func (h *hub) detach(s *stream) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	s.clients--
+	if s.clients > 0 || h.streams[s.key] != s {
+		return
+	}
+	linger := h.settings.linger
+	if linger <= 0 {
+		h.closeLocked(s)
+		return
+	}
+	s.lingerTimer = time.AfterFunc(linger, func() {
+		h.mu.Lock()
+		defer h.mu.Unlock()
+		if s.clients == 0 && h.streams[s.key] == s {
+			h.closeLocked(s)
+		}
+	})
+}
+
+// remove takes a stream that ended by itself out of the map.
+func (h *hub) remove(s *stream) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.streams[s.key] == s {
+		h.closeLocked(s)
+	}
+}
+
+func (h *hub) closeLocked(s *stream) {
+	delete(h.streams, s.key)
+	s.stopLinger()
+	s.cancel()
+}
+
+// forwardHeader copies the client's vary headers for the upstream request.
+func (h *hub) forwardHeader(reqHeader http.Header) http.Header {
+	out := make(http.Header, len(h.vary))
+	for _, name := range h.vary {
+		if vals, ok := reqHeader[name]; ok {
+			out[name] = slices.Clone(vals)
+		}
+	}
+	return out
+}
+
+// streamCount returns how many streams the hub holds.
+func (h *hub) streamCount() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return len(h.streams)
+}
+
+// endAll ends every client of the hub at once.
+func (h *hub) endAll() {
+	h.exitOnce.Do(func() { close(h.exit) })
+}
+
+// exitAllHubs ends every client of every hub: the process is exiting, so
+// no config, old or new, should keep a response open.
+func exitAllHubs() {
+	hubs.Range(func(_, v any) bool {
+		v.(*hub).endAll()
+		return true
+	})
+}
+
+// streamKey is the upstream URL plus, for each vary header, its presence
+// and all its values, each length-prefixed so that no two distinct requests
+// produce the same key.
+func streamKey(target string, vary []string, hdr http.Header) string {
+	if len(vary) == 0 {
+		return target
+	}
+	b := make([]byte, 0, len(target)+32)
+	b = appendLP(b, target)
+	for _, name := range vary {
+		vals, ok := hdr[name]
+		if !ok {
+			b = append(b, '-')
+			continue
+		}
+		b = append(b, '+')
+		b = strconv.AppendInt(b, int64(len(vals)), 10)
+		for _, v := range vals {
+			b = appendLP(b, v)
+		}
+	}
+	return string(b)
+}
+
+func appendLP(b []byte, s string) []byte {
+	b = strconv.AppendInt(b, int64(len(s)), 10)
+	b = append(b, ':')
+	return append(b, s...)
+}
+
+// keyHash is a short digest of a stream key for logs, which must never
+// carry the vary values (credentials) themselves.
+func keyHash(key string) string {
+	f := fnv.New64a()
+	_, _ = f.Write([]byte(key))
+	return strconv.FormatUint(f.Sum64(), 16)
+}

@@ -1,0 +1,532 @@
+// Package ssefanout is a Caddy HTTP handler that puts one shared upstream
+// connection in front of a Server-Sent Events origin and fans its events out
+// to every client watching the same stream.
+//
+// For each distinct upstream stream (the upstream URL plus the values of the
+// vary headers) the handler keeps exactly one upstream request open, however
+// many clients watch it. It re-parses the upstream event stream as a browser
+// would, keeps the recent events in a bounded history and writes each event
+// to every client as it arrives. Clients that reconnect with Last-Event-ID
+// resume from that history without touching the origin.
+package ssefanout
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/headers"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+	"go.uber.org/zap"
+)
+
+func init() {
+	caddy.RegisterModule(Handler{})
+}
+
+// Defaults for the options; the field comments of Handler repeat them for
+// the generated docs.
+const (
+	defaultHistory        = 1000
+	defaultHistoryBytes   = 16 << 20
+	defaultKeepalive      = 15 * time.Second
+	defaultLinger         = 30 * time.Second
+	defaultWriteTimeout   = 30 * time.Second
+	defaultStatusWait     = 5 * time.Second
+	defaultMaxEventSize   = 1 << 20
+	defaultMaxStreams     = 1000
+	defaultDrain          = 5 * time.Second
+	defaultHeaderTimeout  = 10 * time.Second
+	maxLastEventIDLen     = 1024
+	maxRedirects          = 10
+	refusalRetryMinMillis = 5000
+	refusalRetrySpread    = 5000
+)
+
+var errConflictingSettings = errors.New("two sse_fanout handlers with the same upstream, vary, header_up and transport must have the same history, history_bytes, max_event_size, linger, max_streams and upstream_idle_timeout, since they share their streams")
+
+// Handler is the sse_fanout HTTP handler. It serves Server-Sent Events
+// from a shared upstream connection per stream.
+type Handler struct {
+	// The upstream base URL, for example `http://127.0.0.1:3000/events`.
+	// Its scheme and host are fixed (they may use `{env.*}` placeholders) so
+	// that no request can steer the proxy to another host. Its path and query
+	// may use request placeholders; what they expand to is part of the stream
+	// key. The request's escaped path is appended to the base path and the
+	// request's query (minus any `lastEventId` parameter) to the base query.
+	// Required.
+	Upstream string `json:"upstream"`
+
+	// How many dispatched events each stream keeps for clients that resume
+	// with Last-Event-ID or ask for replay. Default: 1000. Must be at least 1.
+	History int `json:"history,omitempty"`
+
+	// The most bytes of encoded events each stream keeps in its history;
+	// the oldest events are dropped first. Default: 16MiB. Must be at least
+	// max_event_size.
+	HistoryBytes int64 `json:"history_bytes,omitempty"`
+
+	// How many of the most recent events a new client without Last-Event-ID
+	// gets before the live ones. Default: 0 (live events only). At most
+	// history.
+	Replay int `json:"replay,omitempty"`
+
+	// How long a client's stream may stay silent before a comment line
+	// (`: keepalive`) is written to it, so that intermediaries keep the
+	// connection open. Default: 15s. A negative value turns keepalives off.
+	Keepalive caddy.Duration `json:"keepalive,omitempty"`
+
+	// How long a stream's upstream connection stays open after its last
+	// client left, so that a client that reconnects soon finds it warm.
+	// Default: 30s. A negative value closes it at once.
+	Linger caddy.Duration `json:"linger,omitempty"`
+
+	// How long one write to a client may stay blocked before the client is
+	// disconnected (it resumes by Last-Event-ID when it reconnects).
+	// Default: 30s. The server's `write_idle_timeout` (1m by default) still
+	// applies and caps it.
+	WriteTimeout caddy.Duration `json:"write_timeout,omitempty"`
+
+	// How long the first clients of a new stream wait for the origin's first
+	// answer, so that a 404 or 204 from the origin reaches them as it was
+	// sent. After that they get a 200 event stream with keepalives while the
+	// upstream keeps trying. Clients of a live or retrying stream never wait.
+	// Default: 5s.
+	StatusWait caddy.Duration `json:"status_wait,omitempty"`
+
+	// The largest upstream event, in bytes, that is relayed; a larger one is
+	// skipped without being buffered (and counted in the logs), and the
+	// connection stays up. Default: 1MiB.
+	MaxEventSize int64 `json:"max_event_size,omitempty"`
+
+	// The most clients one stream may have; past it an EventSource request
+	// gets a 200 with a `retry:` of a few seconds and an ended body, other
+	// requests a 503 with Retry-After. Default: 0 (no limit).
+	MaxClients int `json:"max_clients,omitempty"`
+
+	// The most streams (distinct upstream URLs and vary values) this handler
+	// keeps open at once; requests for a new stream past it are refused like
+	// clients past max_clients. Default: 1000. A negative value means no
+	// limit.
+	MaxStreams int `json:"max_streams,omitempty"`
+
+	// The reconnection time sent to clients as `retry:` instead of the
+	// origin's. Default: 0, which passes the origin's `retry:` on.
+	Retry caddy.Duration `json:"retry,omitempty"`
+
+	// Request headers that are forwarded upstream and that split streams:
+	// clients whose values of these headers differ get separate upstream
+	// connections. Use it for per-user streams (`Authorization`, `Cookie`);
+	// without it no client credential ever reaches the origin.
+	Vary []string `json:"vary,omitempty"`
+
+	// Header operations on the upstream request. Values are static or use
+	// only `{env.*}`, `{file.*}` and `{system.*}` placeholders, resolved when
+	// the config loads: one upstream request serves many clients, so a
+	// request placeholder would hand the first client's data to everyone
+	// (use vary for per-client headers). Setting `Host` sets the request's
+	// host.
+	HeaderUp *headers.HeaderOps `json:"header_up,omitempty"`
+
+	// Caddy's reverse_proxy HTTP transport (`http.reverse_proxy.transport.http`)
+	// for the upstream connections: TLS, timeouts, HTTP versions. Its
+	// response_header_timeout defaults to 10s here, so an origin that
+	// accepts and never answers is retried. `proxy_protocol` is not allowed.
+	TransportRaw json.RawMessage `json:"transport,omitempty" caddy:"namespace=http.reverse_proxy.transport inline_key=protocol"`
+
+	// How long a stream may stay silent (no event, no comment) before its
+	// upstream connection is dropped and resumed with Last-Event-ID.
+	// Default: 0 (off).
+	UpstreamIdleTimeout caddy.Duration `json:"upstream_idle_timeout,omitempty"`
+
+	// When the config is reloaded, the clients' streams are ended spread
+	// over this window, so that they reconnect to the new config (and resume
+	// from the same history) without all arriving in the same instant. On
+	// exit they end at once. Default: 5s.
+	Drain caddy.Duration `json:"drain,omitempty"`
+
+	transport *reverseproxy.HTTPTransport
+	hub       *hub
+	hubKey    string
+	hubRef    bool
+	settings  hubSettings
+	logger    *zap.Logger
+	// configDone identifies the config this handler belongs to.
+	configDone <-chan struct{}
+	// stopping is closed when this config's server begins to shut down.
+	stopping chan struct{}
+	state    *handlerState
+}
+
+// handlerState is the part of a provisioned handler that must not be
+// copied.
+type handlerState struct {
+	activated atomic.Bool
+	stopOnce  sync.Once
+}
+
+// CaddyModule returns the Caddy module information.
+func (Handler) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.handlers.sse_fanout",
+		New: func() caddy.Module { return new(Handler) },
+	}
+}
+
+// Provision sets defaults, resolves the static parts of the upstream
+// request, provisions the transport and takes a reference to the shared hub.
+func (h *Handler) Provision(ctx caddy.Context) error {
+	h.logger = ctx.Logger()
+	h.stopping = make(chan struct{})
+	h.state = new(handlerState)
+	h.setDefaults()
+
+	if err := h.Validate(); err != nil {
+		return err
+	}
+	tmpl, err := parseUpstream(h.Upstream)
+	if err != nil {
+		return err
+	}
+	for i, name := range h.Vary {
+		h.Vary[i] = http.CanonicalHeaderKey(name)
+	}
+	if err := h.provisionHeaderUp(ctx); err != nil {
+		return err
+	}
+	if err := h.provisionTransport(ctx); err != nil {
+		return fmt.Errorf("provisioning transport: %v", err)
+	}
+
+	h.settings = hubSettings{
+		history:      h.History,
+		historyBytes: h.HistoryBytes,
+		maxEventSize: h.MaxEventSize,
+		linger:       time.Duration(h.Linger),
+		maxStreams:   h.MaxStreams,
+		idleTimeout:  time.Duration(h.UpstreamIdleTimeout),
+	}
+	h.hubKey, err = h.identity()
+	if err != nil {
+		return err
+	}
+	val, _, err := hubs.LoadOrNew(h.hubKey, func() (caddy.Destructor, error) {
+		return newHub(tmpl, h.Vary, h.HeaderUp, h.transport, h.settings, h.logger), nil
+	})
+	if err != nil {
+		return fmt.Errorf("loading shared state: %v", err)
+	}
+	h.hubRef = true
+	h.hub = val.(*hub)
+	if err := h.hub.propose(ctx, h); err != nil {
+		return err
+	}
+
+	if srv, ok := ctx.Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server); ok && srv != nil {
+		srv.RegisterOnShutdown(h.shutdown)
+	}
+	return nil
+}
+
+// withDefaults returns a copy of the options with defaults filled in.
+func (h Handler) withDefaults() Handler {
+	h.setDefaults()
+	return h
+}
+
+// setDefaults fills in every option left at its zero value.
+func (h *Handler) setDefaults() {
+	if h.History == 0 {
+		h.History = defaultHistory
+	}
+	if h.HistoryBytes == 0 {
+		h.HistoryBytes = defaultHistoryBytes
+	}
+	if h.Keepalive == 0 {
+		h.Keepalive = caddy.Duration(defaultKeepalive)
+	}
+	if h.Linger == 0 {
+		h.Linger = caddy.Duration(defaultLinger)
+	}
+	if h.WriteTimeout == 0 {
+		h.WriteTimeout = caddy.Duration(defaultWriteTimeout)
+	}
+	if h.StatusWait == 0 {
+		h.StatusWait = caddy.Duration(defaultStatusWait)
+	}
+	if h.MaxEventSize == 0 {
+		h.MaxEventSize = defaultMaxEventSize
+	}
+	if h.MaxStreams == 0 {
+		h.MaxStreams = defaultMaxStreams
+	}
+	if h.Drain == 0 {
+		h.Drain = caddy.Duration(defaultDrain)
+	}
+}
+
+// Validate checks the options after their defaults are set.
+func (h *Handler) Validate() error {
+	switch {
+	case h.Upstream == "":
+		return fmt.Errorf("upstream: an upstream base URL is required, e.g. http://127.0.0.1:3000")
+	case h.History < 1:
+		return fmt.Errorf("history: must be at least 1, got %d", h.History)
+	case h.MaxEventSize < 1:
+		return fmt.Errorf("max_event_size: must be positive, got %d", h.MaxEventSize)
+	case h.HistoryBytes < h.MaxEventSize:
+		return fmt.Errorf("history_bytes (%d) must be at least max_event_size (%d): raise history_bytes or lower max_event_size", h.HistoryBytes, h.MaxEventSize)
+	case h.Replay < 0 || h.Replay > h.History:
+		return fmt.Errorf("replay: must be between 0 and history (%d), got %d", h.History, h.Replay)
+	case h.MaxClients < 0:
+		return fmt.Errorf("max_clients: must not be negative (0 means no limit), got %d", h.MaxClients)
+	case h.WriteTimeout < 0:
+		return fmt.Errorf("write_timeout: must not be negative")
+	case h.StatusWait < 0:
+		return fmt.Errorf("status_wait: must not be negative")
+	case h.Retry < 0:
+		return fmt.Errorf("retry: must not be negative")
+	case h.UpstreamIdleTimeout < 0:
+		return fmt.Errorf("upstream_idle_timeout: must not be negative")
+	case h.Drain < 0:
+		return fmt.Errorf("drain: must not be negative")
+	}
+	return nil
+}
+
+// provisionHeaderUp checks that header_up uses no request placeholder and
+// resolves its values once, for every upstream request of the hub.
+func (h *Handler) provisionHeaderUp(ctx caddy.Context) error {
+	if h.HeaderUp == nil {
+		return nil
+	}
+	if len(h.HeaderUp.Replace) > 0 {
+		return fmt.Errorf("header_up: replace operations are not supported; the upstream request carries no client header to edit (use vary to forward one)")
+	}
+	repl := caddy.NewReplacer()
+	for _, hdr := range []http.Header{h.HeaderUp.Set, h.HeaderUp.Add} {
+		for name, vals := range hdr {
+			for i, v := range vals {
+				if p := requestPlaceholder(v); p != "" {
+					return fmt.Errorf("header_up %s: placeholder %s depends on the request, but one upstream request serves many clients; forward the client's header with 'vary %s' instead", name, p, name)
+				}
+				vals[i] = repl.ReplaceAll(v, "")
+			}
+		}
+	}
+	for _, name := range h.HeaderUp.Delete {
+		if requestPlaceholder(name) != "" {
+			return fmt.Errorf("header_up -%s: placeholders are not allowed in field names", name)
+		}
+	}
+	return h.HeaderUp.Provision(ctx)
+}
+
+// provisionTransport loads Caddy's HTTP transport (the reverse_proxy one),
+// with this module's defaults.
+func (h *Handler) provisionTransport(ctx caddy.Context) error {
+	if h.TransportRaw == nil {
+		h.TransportRaw = json.RawMessage(`{"protocol":"http"}`)
+	}
+	var probe reverseproxy.HTTPTransport
+	if err := json.Unmarshal(h.TransportRaw, &probe); err != nil {
+		return err
+	}
+	if probe.ProxyProtocol != "" {
+		return fmt.Errorf("proxy_protocol is not supported: a shared upstream connection carries no single client's address")
+	}
+	if probe.ResponseHeaderTimeout == 0 {
+		var fields map[string]json.RawMessage
+		if err := json.Unmarshal(h.TransportRaw, &fields); err != nil {
+			return err
+		}
+		fields["response_header_timeout"] = json.RawMessage(strconv.FormatInt(int64(defaultHeaderTimeout), 10))
+		raw, err := json.Marshal(fields)
+		if err != nil {
+			return err
+		}
+		h.TransportRaw = raw
+	}
+	mod, err := ctx.LoadModule(h, "TransportRaw")
+	if err != nil {
+		return err
+	}
+	rt, ok := mod.(*reverseproxy.HTTPTransport)
+	if !ok {
+		return fmt.Errorf("transport %T is not supported; use 'transport http'", mod)
+	}
+	h.transport = rt
+	return nil
+}
+
+// identity is the key under which handlers share a hub across reloads: the
+// things that decide which upstream requests it makes.
+func (h *Handler) identity() (string, error) {
+	b, err := json.Marshal(struct {
+		Upstream  string             `json:"u"`
+		Vary      []string           `json:"v"`
+		HeaderUp  *headers.HeaderOps `json:"h"`
+		Transport json.RawMessage    `json:"t"`
+	}{h.Upstream, h.Vary, h.HeaderUp, h.TransportRaw})
+	if err != nil {
+		return "", fmt.Errorf("computing handler identity: %v", err)
+	}
+	return string(b), nil
+}
+
+// Cleanup releases the hub reference taken by Provision (only if it was
+// taken) and lets this config's clients drain.
+func (h *Handler) Cleanup() error {
+	if h.state != nil {
+		h.shutdown()
+	}
+	if h.hub != nil {
+		h.hub.withdraw(h)
+	}
+	if h.hubRef {
+		h.hubRef = false
+		if _, err := hubs.Delete(h.hubKey); err != nil {
+			return fmt.Errorf("releasing shared state: %v", err)
+		}
+	}
+	return nil
+}
+
+// shutdown is called when this config's server starts to shut down: the
+// clients of this handler end, spread over the drain window, or at once
+// when the process exits.
+func (h *Handler) shutdown() {
+	h.state.stopOnce.Do(func() { close(h.stopping) })
+	if caddy.Exiting() && h.hub != nil {
+		exitAllHubs()
+	}
+}
+
+// drainDelay is how long a client of a stopping handler waits before its
+// stream ends: a random point in the drain window, so that thousands of
+// EventSources don't reconnect in the same instant.
+func (h *Handler) drainDelay() time.Duration {
+	if caddy.Exiting() || h.Drain <= 0 {
+		return 0
+	}
+	return rand.N(time.Duration(h.Drain))
+}
+
+// ServeHTTP serves GET requests from the shared stream, answers HEAD with
+// the stream headers, and passes every other method to the next handler.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		return next.ServeHTTP(w, r)
+	}
+	if !h.state.activated.Load() {
+		h.activate()
+	}
+	select {
+	case <-h.stopping:
+		// this config is going away: end at once, EventSource retries
+		// and reaches the new one
+		writeRefusal(w, r, 0)
+		return nil
+	default:
+	}
+
+	repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
+	target, err := h.hub.tmpl.build(r, repl)
+	if err != nil {
+		return caddyhttp.Error(http.StatusBadRequest, err)
+	}
+	if r.Method == http.MethodHead {
+		setStreamHeaders(w.Header())
+		w.WriteHeader(http.StatusOK)
+		return nil
+	}
+	key := streamKey(target.String(), h.Vary, r.Header)
+	lastID, hasLastID := lastEventID(r)
+
+	s, refused := h.hub.attach(key, target, r.Header, lastID, hasLastID, h.MaxClients)
+	if refused {
+		writeRefusal(w, r, refusalRetryMinMillis+rand.N(refusalRetrySpread))
+		return nil
+	}
+	defer h.hub.detach(s)
+	return h.serveClient(w, r, s, lastID, hasLastID)
+}
+
+// activate makes this config's hub settings, transport and logger the
+// hub's, once the config serves its first request: a config that fails to
+// load must change nothing in the shared state.
+func (h *Handler) activate() {
+	if h.state.activated.Swap(true) {
+		return
+	}
+	h.hub.activate(h)
+}
+
+// lastEventID returns the client's Last-Event-ID: the header, or the
+// lastEventId query parameter when the header is absent (for polyfills that
+// cannot set headers). One longer than 1KiB is treated as absent.
+func lastEventID(r *http.Request) (string, bool) {
+	vals, ok := r.Header["Last-Event-Id"]
+	var id string
+	if ok && len(vals) > 0 {
+		id = vals[0]
+	} else if q := r.URL.Query(); q.Has("lastEventId") {
+		ok, id = true, q.Get("lastEventId")
+	}
+	if !ok || len(id) > maxLastEventIDLen {
+		return "", false
+	}
+	return id, true
+}
+
+// setStreamHeaders sets the headers of every event-stream response.
+// no-transform keeps Caddy's encode and other intermediaries from buffering
+// or compressing the stream; X-Accel-Buffering does the same for nginx.
+func setStreamHeaders(hdr http.Header) {
+	hdr.Set("Content-Type", "text/event-stream")
+	hdr.Set("Cache-Control", "no-cache, no-transform")
+	hdr.Set("X-Accel-Buffering", "no")
+}
+
+// writeRefusal turns a client away in a way EventSource handles well: a
+// 200 with a retry: and an ended body, so it tries again later instead of
+// failing for good as it would on a 503. Other clients get the 503.
+func writeRefusal(w http.ResponseWriter, r *http.Request, retryMillis int) {
+	if !acceptsEventStream(r) && retryMillis > 0 {
+		w.Header().Set("Retry-After", strconv.Itoa((retryMillis+999)/1000))
+		http.Error(w, "too many streams or clients, try again later", http.StatusServiceUnavailable)
+		return
+	}
+	setStreamHeaders(w.Header())
+	w.WriteHeader(http.StatusOK)
+	if retryMillis > 0 {
+		_, _ = w.Write(appendRetry(nil, int64(retryMillis)))
+	}
+}
+
+// acceptsEventStream reports whether the request is an EventSource's.
+func acceptsEventStream(r *http.Request) bool {
+	for _, v := range r.Header.Values("Accept") {
+		if strings.Contains(strings.ToLower(v), "text/event-stream") {
+			return true
+		}
+	}
+	return false
+}
+
+// Interface guards
+var (
+	_ caddy.Provisioner           = (*Handler)(nil)
+	_ caddy.Validator             = (*Handler)(nil)
+	_ caddy.CleanerUpper          = (*Handler)(nil)
+	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
+)
