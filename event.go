@@ -297,22 +297,27 @@ func (p *parser) readName(seg []byte, eol bool) []byte {
 		p.state = inIgnored
 		return nil
 	}
+	if colon >= 0 && p.nameLen == 0 {
+		// The whole name is in seg: no need to copy it.
+		p.beginValue(seg[:colon])
+		return seg[colon+1:]
+	}
 	p.nameLen += copy(p.name[p.nameLen:], seg[:n])
 	if colon < 0 {
 		if eol {
-			p.beginValue()
+			p.beginValue(p.name[:p.nameLen])
 		}
 		return nil
 	}
-	p.beginValue()
+	p.beginValue(p.name[:p.nameLen])
 	return seg[colon+1:]
 }
 
-// beginValue picks the field for the name read and readies its value.
-func (p *parser) beginValue() {
+// beginValue picks the field for name and readies its value.
+func (p *parser) beginValue(name []byte) {
 	p.state = inValueStart
 	p.tail.n = 0
-	switch string(p.name[:p.nameLen]) {
+	switch string(name) {
 	case "data":
 		p.field = sseData
 		p.hasData = true

@@ -91,7 +91,8 @@ type stream struct {
 	state      streamState
 	final      *finalAnswer
 	respHeader http.Header
-	retry      int64 // the origin's retry in ms; 0 when it sent none
+	retry      int64  // the origin's retry in ms; 0 when it sent none
+	retryNext  uint64 // sequence number after the latest retry entry; 0 if none
 	lastID     string
 	hasID      bool
 }
@@ -170,7 +171,9 @@ func (s *stream) publish(kind entryKind, wire []byte, id string, setsID, hasID b
 	s.count++
 	s.bytes += int64(len(wire))
 	s.total += uint64(len(wire))
-	if kind != entryRetry { // a retry line carries no id of its own
+	if kind == entryRetry { // a retry line carries no id of its own
+		s.retryNext = s.head
+	} else {
 		s.lastID, s.hasID = id, hasID
 	}
 	wake := s.wake
@@ -296,11 +299,12 @@ type client struct {
 // the process ends.
 func (h *Handler) serveClient(w http.ResponseWriter, r *http.Request, s *stream, lastID string, hasLastID bool) error {
 	ctx := r.Context()
+	arrived := s.position()
 	if !h.awaitFirstAnswer(ctx, s) {
 		return nil
 	}
 	c := &client{h: h, s: s, w: w, rc: http.NewResponseController(w)}
-	prelude, final := c.start(lastID, hasLastID)
+	prelude, final := c.start(lastID, hasLastID, arrived)
 	if final != nil {
 		writeFinal(w, final)
 		return nil
@@ -346,16 +350,12 @@ func (h *Handler) awaitFirstAnswer(ctx context.Context, s *stream) bool {
 // retry in force, then the events it missed (by Last-Event-ID), or the
 // replay, or an id-only block so that it can resume even before its first
 // event.
-func (c *client) start(lastID string, hasLastID bool) ([]byte, *finalAnswer) {
+func (c *client) start(lastID string, hasLastID bool, arrived uint64) ([]byte, *finalAnswer) {
 	s, h := c.s, c.h
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	if s.state == stateFinal {
 		return nil, s.final
-	}
-	var pre []byte
-	if retry := h.retryMillis(s.retry); retry > 0 {
-		pre = appendRetry(pre, retry)
 	}
 	found := false
 	if hasLastID {
@@ -367,12 +367,27 @@ func (c *client) start(lastID string, hasLastID bool) ([]byte, *finalAnswer) {
 		}
 	}
 	if !found {
-		c.cursor = s.replayStart(h.Replay)
-		if c.cursor == s.head && s.hasID {
-			pre = appendIDBlock(pre, s.lastID)
-		}
+		// what was published while the client waited for the origin's
+		// first answer is live to it, not history
+		c.cursor = min(s.replayStart(h.Replay), arrived)
+	}
+	var pre []byte
+	// the origin's latest retry line, when still ahead of the cursor,
+	// reaches the client from the history anyway
+	if retry := h.retryMillis(s.retry); retry > 0 && (h.Retry > 0 || s.retryNext <= c.cursor) {
+		pre = appendRetry(pre, retry)
+	}
+	if c.cursor == s.head && s.hasID {
+		pre = appendIDBlock(pre, s.lastID)
 	}
 	return pre, nil
+}
+
+// position returns the sequence number the next entry will have.
+func (s *stream) position() uint64 {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.head
 }
 
 // retryMillis is the reconnection time to send clients: the handler's

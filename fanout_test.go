@@ -453,3 +453,35 @@ func TestCredentials(t *testing.T) {
 		t.Fatalf("authenticated clients opened %d upstreams, want 1", got)
 	}
 }
+
+// TestFirstClientGetsFirstEvent: the clients that create a stream wait for
+// the origin's first answer; whatever the origin sent with it is theirs,
+// and the origin's retry line reaches them once.
+func TestFirstClientGetsFirstEvent(t *testing.T) {
+	leakCheck(t)
+	o := newOrigin(t)
+	prelude := "retry: 2000\n\nid: 1\ndata: first\n\n"
+	o.prelude.Store(&prelude)
+	base := startCaddy(t, "sse_fanout "+o.URL+" {\n linger 100ms\n}")
+
+	c := connect(t, base+"/cold1", nil)
+	c.waitFor(t, "data: first\n\n", 5*time.Second)
+	o.send("/cold1", ev(2, "second"))
+	want := "retry: 2000\n" + ev(1, "first") + ev(2, "second")
+	c.waitFor(t, ev(2, "second"), 5*time.Second)
+	if got := c.events(); got != want {
+		t.Fatalf("first client got %q, want %q", got, want)
+	}
+	// a later client gets the retry in force and the committed id
+	late := connect(t, base+"/cold1", nil)
+	late.waitFor(t, "id: 2\n\n", 5*time.Second)
+	if got := late.events(); got != "retry: 2000\nid: 2\n\n" {
+		t.Fatalf("late client got %q", got)
+	}
+	// a cold resume gets the retry once too
+	r := connect(t, base+"/cold2", http.Header{"Last-Event-Id": {"0"}})
+	r.waitFor(t, "data: first\n\n", 5*time.Second)
+	if got := r.events(); got != "retry: 2000\n"+ev(1, "first") {
+		t.Fatalf("cold resume got %q", got)
+	}
+}

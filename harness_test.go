@@ -528,3 +528,121 @@ func clientCount(s *stream) int {
 	defer s.hub.mu.Unlock()
 	return s.clients
 }
+
+// eventSource is a test client that behaves like a browser's EventSource:
+// it parses the stream with the spec parser, keeps the last event ID and
+// reconnects with Last-Event-ID whenever the stream ends, until stopped.
+type eventSource struct {
+	url    string
+	mu     sync.Mutex
+	events []string // "id|data" of every dispatched event
+	lastID string
+	opens  int
+	ends   []time.Time
+	clean  int // stream ends without a transport error
+	status []int
+	sentID []string // Last-Event-ID sent on each connection
+	stop   chan struct{}
+	done   chan struct{}
+}
+
+// newEventSource starts a reconnecting client; it stops at test cleanup.
+func newEventSource(t testing.TB, rt http.RoundTripper, url string) *eventSource {
+	es := &eventSource{url: url, stop: make(chan struct{}), done: make(chan struct{})}
+	go es.run(rt)
+	t.Cleanup(es.close)
+	return es
+}
+
+func (es *eventSource) close() {
+	select {
+	case <-es.stop:
+	default:
+		close(es.stop)
+	}
+	<-es.done
+}
+
+func (es *eventSource) run(rt http.RoundTripper) {
+	defer close(es.done)
+	for attempt := 0; attempt < 1000; attempt++ {
+		select {
+		case <-es.stop:
+			return
+		default:
+		}
+		es.once(rt)
+		select {
+		case <-es.stop:
+			return
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+// once runs one connection to its end.
+func (es *eventSource) once(rt http.RoundTripper) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() {
+		select {
+		case <-es.stop:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, es.url, nil)
+	req.Header.Set("Accept", "text/event-stream")
+	es.mu.Lock()
+	id := es.lastID
+	es.mu.Unlock()
+	if id != "" {
+		req.Header.Set("Last-Event-ID", id)
+	}
+	resp, err := rt.RoundTrip(req)
+	if err != nil {
+		return
+	}
+	defer resp.Body.Close()
+	es.mu.Lock()
+	es.opens++
+	es.status = append(es.status, resp.StatusCode)
+	es.sentID = append(es.sentID, id)
+	es.mu.Unlock()
+	if resp.StatusCode != http.StatusOK {
+		return
+	}
+	p := newParser(16 << 20)
+	p.setLastEventID(id)
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := resp.Body.Read(buf)
+		p.feed(buf[:n], func(r *record) {
+			es.mu.Lock()
+			defer es.mu.Unlock()
+			switch r.kind {
+			case recEvent:
+				es.events = append(es.events, r.id+"|"+string(r.data))
+				es.lastID = r.id
+			case recID, recSkipped:
+				es.lastID = r.id
+			}
+		})
+		if err != nil {
+			es.mu.Lock()
+			es.ends = append(es.ends, time.Now())
+			if err == io.EOF {
+				es.clean++
+			}
+			es.mu.Unlock()
+			return
+		}
+	}
+}
+
+// snapshot returns the dispatched events and how many times it connected.
+func (es *eventSource) snapshot() (events []string, opens int) {
+	es.mu.Lock()
+	defer es.mu.Unlock()
+	return append([]string(nil), es.events...), es.opens
+}

@@ -90,6 +90,11 @@ func (t *upstreamTemplate) build(r *http.Request, repl *caddy.Replacer) (*url.UR
 		baseQuery = repl.ReplaceAll(baseQuery, "")
 	}
 	reqPath := r.URL.EscapedPath()
+	if reqPath != "" && reqPath[0] != '/' {
+		// e.g. the asterisk form "GET *": it would extend the base
+		// path's last segment instead of going below it
+		return nil, errors.New("request path must start with a slash")
+	}
 	if strings.HasSuffix(basePath, "/") && strings.HasPrefix(reqPath, "/") {
 		basePath = basePath[:len(basePath)-1]
 	}
