@@ -2,8 +2,10 @@ package ssefanout
 
 import (
 	"context"
+	"errors"
 	"net/http"
 	"net/url"
+	"os"
 	"strconv"
 	"sync"
 	"time"
@@ -360,6 +362,7 @@ func (c *client) start(lastID string, hasLastID bool, arrived uint64) ([]byte, *
 	found := false
 	if hasLastID {
 		c.cursor, found = s.find(lastID)
+		metrics.resumes.WithLabelValues(map[bool]string{true: "history", false: "live"}[found]).Inc()
 		if !found {
 			if ce := h.logger.Check(zapcore.DebugLevel, "Last-Event-ID not in history, client starts live"); ce != nil {
 				ce.Write(zap.String("stream", s.name), zap.Int("id_length", len(lastID)))
@@ -426,6 +429,7 @@ func (c *client) loop(ctx context.Context) {
 	for {
 		out, coalesced, next, wake, lagging := s.collect(c.cursor, (*bufp)[:0], skipRetry)
 		if lagging {
+			metrics.clientsDropped.WithLabelValues("lagging").Inc()
 			c.debug("client too far behind, disconnecting")
 			return
 		}
@@ -483,6 +487,9 @@ func (c *client) write(p []byte) error {
 	_ = c.rc.SetWriteDeadline(time.Now().Add(time.Duration(c.h.WriteTimeout)))
 	if len(p) > 0 {
 		if _, err := c.w.Write(p); err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				metrics.clientsDropped.WithLabelValues("write_timeout").Inc()
+			}
 			c.debug("write to client failed")
 			return err
 		}

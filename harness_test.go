@@ -20,6 +20,7 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	_ "github.com/caddyserver/caddy/v2/modules/standard"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 // This file holds what the end-to-end tests share: a real Caddy loaded
@@ -435,11 +436,12 @@ func checkNoLeaks(t testing.TB) {
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		n, sample := pkgGoroutines()
-		if n == 0 {
+		streams, clients, conns := testutil.ToFloat64(metrics.streams), testutil.ToFloat64(metrics.clients), testutil.ToFloat64(metrics.upstreamConns)
+		if n == 0 && streams == 0 && clients == 0 && conns == 0 {
 			return
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("%d goroutines of the package still running, e.g.:\n%s", n, sample)
+			t.Fatalf("%d goroutines of the package still running (gauges: %v streams, %v clients, %v upstream connections), e.g.:\n%s", n, streams, clients, conns, sample)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}

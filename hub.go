@@ -84,6 +84,7 @@ func (h *hub) Destruct() error {
 	for _, s := range h.streams {
 		s.stopLinger()
 	}
+	metrics.streams.Sub(float64(len(h.streams)))
 	clear(h.streams)
 	h.mu.Unlock()
 	return nil
@@ -142,15 +143,15 @@ func (h *hub) transport() (http.RoundTripper, *zap.Logger, hubSettings) {
 }
 
 // attach finds or creates the stream for key and counts a new client on
-// it. It refuses the client when the stream is full or no new stream may
-// be created.
-func (h *hub) attach(key string, target *url.URL, reqHeader http.Header, lastID string, hasLastID bool, maxClients int) (*stream, bool) {
+// it. It refuses the client, naming the limit, when the stream is full or
+// no new stream may be created.
+func (h *hub) attach(key string, target *url.URL, reqHeader http.Header, lastID string, hasLastID bool, maxClients int) (*stream, string) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	s := h.streams[key]
 	if s == nil {
 		if h.ctx.Err() != nil || (h.settings.maxStreams > 0 && len(h.streams) >= h.settings.maxStreams) {
-			return nil, true
+			return nil, "max_streams"
 		}
 		initialID := ""
 		if hasLastID {
@@ -158,14 +159,16 @@ func (h *hub) attach(key string, target *url.URL, reqHeader http.Header, lastID 
 		}
 		s = newStream(h, key, target, h.forwardHeader(reqHeader), initialID, h.settings)
 		h.streams[key] = s
+		metrics.streams.Inc()
 		go s.run()
 	}
 	if maxClients > 0 && s.clients >= maxClients {
-		return nil, true
+		return nil, "max_clients"
 	}
 	s.clients++
+	metrics.clients.Inc()
 	s.stopLinger()
-	return s, false
+	return s, ""
 }
 
 // detach uncounts a client. The last client to leave starts the linger
@@ -174,6 +177,7 @@ func (h *hub) detach(s *stream) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	s.clients--
+	metrics.clients.Dec()
 	if s.clients > 0 || h.streams[s.key] != s {
 		return
 	}
@@ -202,6 +206,7 @@ func (h *hub) remove(s *stream) {
 
 func (h *hub) closeLocked(s *stream) {
 	delete(h.streams, s.key)
+	metrics.streams.Dec()
 	s.stopLinger()
 	s.cancel()
 }

@@ -231,6 +231,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return err
 	}
 
+	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
+		return err
+	}
 	if srv, ok := ctx.Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server); ok && srv != nil {
 		srv.RegisterOnShutdown(h.shutdown)
 	}
@@ -452,8 +455,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	key := streamKey(target.String(), h.Vary, r.Header)
 	lastID, hasLastID := lastEventID(r)
 
-	s, refused := h.hub.attach(key, target, r.Header, lastID, hasLastID, h.MaxClients)
-	if refused {
+	s, limit := h.hub.attach(key, target, r.Header, lastID, hasLastID, h.MaxClients)
+	if limit != "" {
+		metrics.refused.WithLabelValues(limit).Inc()
 		writeRefusal(w, r, refusalRetryMinMillis+rand.N(refusalRetrySpread))
 		return nil
 	}

@@ -280,33 +280,51 @@ func (s *stream) attempt(p *parser) outcome {
 	}}
 	resp, err := hc.Do(req)
 	if err != nil {
+		metrics.attempts.WithLabelValues("transient").Inc()
 		return outcome{err: err}
 	}
 	defer resp.Body.Close()
-
-	switch resp.StatusCode {
-	case http.StatusOK:
-	case http.StatusTooManyRequests, http.StatusServiceUnavailable:
-		return outcome{err: errors.New(resp.Status), retryAfter: parseRetryAfter(resp.Header.Get("Retry-After"))}
-	case http.StatusBadGateway, http.StatusGatewayTimeout:
-		return outcome{err: errors.New(resp.Status)}
-	case http.StatusNoContent:
-		return outcome{final: &finalAnswer{status: http.StatusNoContent, header: http.Header{}}}
-	default:
-		body, _ := io.ReadAll(io.LimitReader(resp.Body, maxFinalBody))
-		return outcome{final: &finalAnswer{status: resp.StatusCode, header: passHeaders(resp.Header), body: body}}
+	o := classify(resp)
+	if o.err != nil || o.final != nil {
+		return o
 	}
-	ct := resp.Header.Get("Content-Type")
-	if mediaEssence(ct) != "text/event-stream" {
-		msg := fmt.Sprintf("upstream answered 200 with Content-Type %q, not text/event-stream\n", ct)
-		return outcome{final: &finalAnswer{status: http.StatusBadGateway, header: http.Header{"Content-Type": {"text/plain; charset=utf-8"}}, body: []byte(msg)}}
-	}
-
+	metrics.attempts.WithLabelValues("stream").Inc()
+	metrics.upstreamConns.Inc()
+	defer metrics.upstreamConns.Dec()
 	s.setState(stateLive, streamHeaders(resp.Header), nil)
 	if ce := logger.Check(zapcore.DebugLevel, "upstream connected"); ce != nil {
 		ce.Write(zap.String("stream", s.name))
 	}
 	return s.read(ctx, cancel, resp.Body, p, set)
+}
+
+// classify sorts an upstream answer: an event stream (the zero outcome), a
+// passing failure worth retrying, or a permanent answer for the clients.
+func classify(resp *http.Response) outcome {
+
+	switch resp.StatusCode {
+	case http.StatusOK:
+	case http.StatusTooManyRequests, http.StatusServiceUnavailable:
+		metrics.attempts.WithLabelValues("transient").Inc()
+		return outcome{err: errors.New(resp.Status), retryAfter: parseRetryAfter(resp.Header.Get("Retry-After"))}
+	case http.StatusBadGateway, http.StatusGatewayTimeout:
+		metrics.attempts.WithLabelValues("transient").Inc()
+		return outcome{err: errors.New(resp.Status)}
+	case http.StatusNoContent:
+		metrics.attempts.WithLabelValues("permanent").Inc()
+		return outcome{final: &finalAnswer{status: http.StatusNoContent, header: http.Header{}}}
+	default:
+		metrics.attempts.WithLabelValues("permanent").Inc()
+		body, _ := io.ReadAll(io.LimitReader(resp.Body, maxFinalBody))
+		return outcome{final: &finalAnswer{status: resp.StatusCode, header: passHeaders(resp.Header), body: body}}
+	}
+	ct := resp.Header.Get("Content-Type")
+	if mediaEssence(ct) != "text/event-stream" {
+		metrics.attempts.WithLabelValues("permanent").Inc()
+		msg := fmt.Sprintf("upstream answered 200 with Content-Type %q, not text/event-stream\n", ct)
+		return outcome{final: &finalAnswer{status: http.StatusBadGateway, header: http.Header{"Content-Type": {"text/plain; charset=utf-8"}}, body: []byte(msg)}}
+	}
+	return outcome{}
 }
 
 // read feeds the response body to the parser and publishes what it finds.
@@ -318,6 +336,7 @@ func (s *stream) read(ctx context.Context, cancel context.CancelFunc, body io.Re
 	emit := func(r *record) {
 		switch r.kind {
 		case recEvent:
+			metrics.events.Inc()
 			wire := appendEvent(make([]byte, 0, encodedLen(r)), r)
 			s.publish(entryEvent, wire, r.id, r.setsID, r.hasID)
 			o.delivered = true
@@ -328,6 +347,7 @@ func (s *stream) read(ctx context.Context, cancel context.CancelFunc, body io.Re
 			s.setRetry(r.retry)
 			s.publish(entryRetry, appendRetry(nil, r.retry), "", false, false)
 		case recSkipped:
+			metrics.eventsSkipped.Inc()
 			_, logger, _ := s.hub.transport()
 			logger.Warn("skipped an upstream event larger than max_event_size", zap.String("stream", s.name), zap.Int64("size", r.size), zap.Int64("max_event_size", set.maxEventSize))
 			if r.setsID {
