@@ -55,14 +55,14 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // the directive name
 	if !d.NextArg() {
-		return d.Errf("sse_fanout: missing upstream base URL, e.g. 'sse_fanout http://127.0.0.1:3000/events'")
+		return d.Errf("missing upstream base URL, e.g. 'sse_fanout http://127.0.0.1:3000/events'")
 	}
 	h.Upstream = d.Val()
 	if d.NextArg() {
-		return d.Errf("sse_fanout: unexpected argument %q after the upstream; options go in a block", d.Val())
+		return d.Errf("unexpected argument %q after the upstream; options go in a block", d.Val())
 	}
 	if _, err := parseUpstream(h.Upstream); err != nil {
-		return d.Errf("sse_fanout: %v", err)
+		return d.Errf("%v", err)
 	}
 	seen := map[string]bool{}
 	for d.NextBlock(0) {
@@ -191,7 +191,7 @@ func (h *Handler) unmarshalTransport(d *caddyfile.Dispenser) error {
 func (h *Handler) checkCaddyfile(d *caddyfile.Dispenser) error {
 	eff := h.withDefaults()
 	if err := eff.Validate(); err != nil {
-		return d.Errf("sse_fanout: %v", err)
+		return d.Errf("%v", err)
 	}
 	return nil
 }

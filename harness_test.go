@@ -427,7 +427,7 @@ func pkgGoroutines() (int, string) {
 	return n, sample
 }
 
-var pkgFrame = regexp.MustCompile(`caddy-sse-fanout/(module|fanout|upstream|hub|event|caddyfile|metrics|admin)\.go`)
+var pkgFrame = regexp.MustCompile(`caddy-sse-fanout/(module|fanout|upstream|hub|event|encode|caddyfile|metrics|admin)\.go`)
 
 // checkNoLeaks fails the test unless the package's goroutines go back to
 // zero within 10 s: every client, stream and upstream loop has returned.
