@@ -485,3 +485,66 @@ func TestFirstClientGetsFirstEvent(t *testing.T) {
 		t.Fatalf("cold resume got %q", got)
 	}
 }
+
+func TestUpstreamRequestAndMethods(t *testing.T) {
+	leakCheck(t)
+	o := newOrigin(t)
+	t.Setenv("SSEFANOUT_TEST_KEY", "k123")
+	def := o.stream
+	o.setHandler(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/old" {
+			http.Redirect(w, r, "/new?x=1", http.StatusFound)
+			return
+		}
+		w.Header().Set("Set-Cookie", "origin=secret")
+		w.Header().Set("Etag", `"abc"`)
+		w.Header().Set("X-Served-By", "origin")
+		def(w, r)
+	})
+	base := startCaddy(t, "route {\n sse_fanout "+o.URL+` {
+		linger 100ms
+		header_up Host origin.internal
+		header_up X-Api-Key {env.SSEFANOUT_TEST_KEY}
+		header_up -Cache-Control
+	}
+	respond "next handler" 200
+	}`)
+
+	// HEAD: stream headers only, no upstream
+	req, _ := http.NewRequest(http.MethodHead, base+"/head", nil)
+	resp, err := sharedTransport.RoundTrip(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 || resp.Header.Get("Content-Type") != "text/event-stream" {
+		t.Fatalf("HEAD: %d %v", resp.StatusCode, resp.Header)
+	}
+	// OPTIONS goes to the next handler
+	req, _ = http.NewRequest(http.MethodOptions, base+"/head", nil)
+	resp, err = sharedTransport.RoundTrip(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if string(body) != "next handler" {
+		t.Fatalf("OPTIONS was not passed to the next handler: %d %q", resp.StatusCode, body)
+	}
+	if got := o.total.Load(); got != 0 {
+		t.Fatalf("HEAD or OPTIONS reached the origin %d times", got)
+	}
+
+	// redirects are followed; header_up applies; cookies and validators stay at the proxy
+	c := connect(t, base+"/old", nil)
+	o.waitOpen(t, "/new?x=1", 1, 5*time.Second)
+	r := lastRequest(t, o, "/new?x=1")
+	if r.Host != "origin.internal" || r.Header.Get("X-Api-Key") != "k123" || r.Header.Get("Cache-Control") != "" || r.Header.Get("Accept") != "text/event-stream" {
+		t.Fatalf("upstream request: host %q headers %v", r.Host, r.Header)
+	}
+	if c.resp.Header.Get("Set-Cookie") != "" || c.resp.Header.Get("Etag") != "" || c.resp.Header.Get("X-Served-By") != "origin" {
+		t.Fatalf("response headers: %v", c.resp.Header)
+	}
+	o.send("/new?x=1", ev(1, "moved"))
+	c.waitFor(t, ev(1, "moved"), 5*time.Second)
+}

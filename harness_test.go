@@ -153,6 +153,11 @@ func (o *origin) serve(w http.ResponseWriter, r *http.Request) {
 		(*hf)(w, r)
 		return
 	}
+	o.stream(w, r)
+}
+
+// stream is the origin's default answer: an event stream fed by send.
+func (o *origin) stream(w http.ResponseWriter, r *http.Request) {
 	c := &originConn{path: r.URL.RequestURI(), out: make(chan []byte, 4096), drop: make(chan struct{}), req: r}
 	o.mu.Lock()
 	if o.subs[c.path] == nil {

@@ -1,0 +1,295 @@
+// Command origin is the benchmark Server-Sent Events origin for sseload: on
+// every path it streams one shared sequence of events,
+//
+//	id: 42
+//	data: {"ts":1700000000123456789,"pad":"xxxx…"}
+//
+// at -rate events per second, where ts is the Unix time in nanoseconds at
+// which the event was made (sseload measures delivery latency from it) and
+// pad fills the JSON to -size bytes. Every connection gets the events from
+// the one it joined at on, or after its Last-Event-ID while that is among
+// the last -backlog events. It comments ": keepalive" on a stream idle for
+// 15s.
+//
+// Every second it prints how many event streams and TCP connections it has
+// open (and the peaks): with a proxy in front, this is the origin load the
+// proxy causes.
+//
+//	go run ./cmd/sseload/origin -listen 127.0.0.1:9000 -rate 10 -size 200
+//
+// It stops after -duration (at most 24h) or on SIGINT/SIGTERM.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+const (
+	maxRate     = 100000
+	maxSize     = 1 << 20
+	minSize     = len(`{"ts":1700000000000000000,"pad":""}`)
+	maxDuration = 24 * time.Hour
+	keepalive   = 15 * time.Second
+	maxBatch    = 256 << 10 // most bytes written to a connection at once
+)
+
+func main() {
+	listen := flag.String("listen", "127.0.0.1:9000", "address to listen on")
+	rate := flag.Float64("rate", 10, fmt.Sprintf("events per second (0 < rate <= %d)", maxRate))
+	size := flag.Int("size", 200, fmt.Sprintf("bytes of each event's data, the JSON object (%d..%d)", minSize, maxSize))
+	backlog := flag.Int("backlog", 1000, "events kept for clients that resume with Last-Event-ID (1..1000000)")
+	duration := flag.Duration("duration", time.Hour, fmt.Sprintf("stop after this long (max %s)", maxDuration))
+	quiet := flag.Bool("quiet", false, "print the connection counts only when they change")
+	flag.Parse()
+	switch {
+	case *rate <= 0 || *rate > maxRate:
+		fatalf("-rate must be in (0, %d]", maxRate)
+	case *size < minSize || *size > maxSize:
+		fatalf("-size must be between %d and %d", minSize, maxSize)
+	case *backlog < 1 || *backlog > 1000000:
+		fatalf("-backlog must be between 1 and 1000000")
+	case *duration <= 0 || *duration > maxDuration:
+		fatalf("-duration must be positive and at most %s", maxDuration)
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	ctx, cancel := context.WithTimeout(ctx, *duration)
+	defer cancel()
+
+	o := &origin{feed: newFeed(*backlog), pad: *size - minSize, done: ctx.Done()}
+	ln, err := net.Listen("tcp", *listen)
+	if err != nil {
+		fatalf("%v", err)
+	}
+	srv := &http.Server{
+		Handler:           o,
+		ReadHeaderTimeout: 10 * time.Second,
+		ConnState:         o.connState,
+	}
+	go o.generate(ctx, *rate)
+	go o.report(ctx, *quiet)
+	go func() {
+		<-ctx.Done()
+		sctx, scancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer scancel()
+		_ = srv.Shutdown(sctx)
+	}()
+	fmt.Printf("origin: listening on %s, %.4g events/s of %d bytes\n", ln.Addr(), *rate, *size)
+	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		fatalf("%v", err)
+	}
+	<-ctx.Done()
+	fmt.Printf("origin: stopped; peak %d streams, %d connections, %d events made\n",
+		o.peakStreams.Load(), o.peakConns.Load(), o.feed.position())
+}
+
+func fatalf(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, "origin: "+format+"\n", args...)
+	os.Exit(2)
+}
+
+// origin serves the feed on every path and counts its streams and
+// connections.
+type origin struct {
+	feed *feed
+	pad  int
+	done <-chan struct{} // closed when the origin stops
+
+	streams, peakStreams atomic.Int64
+	conns, peakConns     atomic.Int64
+}
+
+func (o *origin) connState(_ net.Conn, st http.ConnState) {
+	switch st {
+	case http.StateNew:
+		raisePeak(&o.peakConns, o.conns.Add(1))
+	case http.StateClosed, http.StateHijacked:
+		o.conns.Add(-1)
+	}
+}
+
+func raisePeak(peak *atomic.Int64, v int64) {
+	for {
+		p := peak.Load()
+		if v <= p || peak.CompareAndSwap(p, v) {
+			return
+		}
+	}
+}
+
+// report prints the counts every second.
+func (o *origin) report(ctx context.Context, quiet bool) {
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	last := ""
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		line := fmt.Sprintf("streams=%d conns=%d", o.streams.Load(), o.conns.Load())
+		if quiet && line == last {
+			continue
+		}
+		last = line
+		fmt.Printf("origin: %s %s peak_streams=%d peak_conns=%d events=%d\n", time.Now().Format("15:04:05"),
+			line, o.peakStreams.Load(), o.peakConns.Load(), o.feed.position())
+	}
+}
+
+// generate makes the events: as many as are due at rate since the start,
+// checked every 1/rate (at least every 1ms), so that high rates are kept.
+func (o *origin) generate(ctx context.Context, rate float64) {
+	interval := max(time.Duration(float64(time.Second)/rate), time.Millisecond)
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	start := time.Now()
+	pad := strings.Repeat("x", o.pad)
+	var made uint64
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-t.C:
+			due := uint64(now.Sub(start).Seconds()*rate) + 1
+			for ; made < due; made++ {
+				id := made + 1
+				ts := time.Now().UnixNano()
+				wire := make([]byte, 0, o.pad+64)
+				wire = append(wire, "id: "...)
+				wire = strconv.AppendUint(wire, id, 10)
+				wire = append(wire, "\ndata: {\"ts\":"...)
+				wire = strconv.AppendInt(wire, ts, 10)
+				wire = append(wire, `,"pad":"`...)
+				wire = append(wire, pad...)
+				wire = append(wire, "\"}\n\n"...)
+				o.feed.publish(id, wire)
+			}
+		}
+	}
+}
+
+// ServeHTTP streams the feed to one client.
+func (o *origin) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodGet {
+		w.Header().Set("Allow", "GET")
+		http.Error(w, "method not allowed", http.StatusMethodNotAllowed)
+		return
+	}
+	raisePeak(&o.peakStreams, o.streams.Add(1))
+	defer o.streams.Add(-1)
+
+	cursor := o.feed.position()
+	if v := r.Header.Get("Last-Event-ID"); v != "" {
+		if id, err := strconv.ParseUint(v, 10, 64); err == nil {
+			cursor = o.feed.after(id, cursor)
+		}
+	}
+	rc := http.NewResponseController(w)
+	h := w.Header()
+	h.Set("Content-Type", "text/event-stream")
+	h.Set("Cache-Control", "no-cache")
+	w.WriteHeader(http.StatusOK)
+	if rc.Flush() != nil {
+		return
+	}
+	ka := time.NewTimer(keepalive)
+	defer ka.Stop()
+	var buf []byte
+	for {
+		var wake <-chan struct{}
+		buf, cursor, wake = o.feed.collect(cursor, buf[:0])
+		if len(buf) > 0 {
+			if _, err := w.Write(buf); err != nil {
+				return
+			}
+			if rc.Flush() != nil {
+				return
+			}
+			ka.Reset(keepalive)
+			continue
+		}
+		select {
+		case <-wake:
+		case <-ka.C:
+			if _, err := w.Write([]byte(": keepalive\n\n")); err != nil || rc.Flush() != nil {
+				return
+			}
+			ka.Reset(keepalive)
+		case <-r.Context().Done():
+			return
+		case <-o.done:
+			return
+		}
+	}
+}
+
+// feed is the shared event sequence: a ring of the last events, by
+// sequence number (event id = sequence + 1), and a channel closed and
+// replaced on every event.
+type feed struct {
+	mu   sync.RWMutex
+	ring [][]byte
+	head uint64 // sequence number of the next event
+	wake chan struct{}
+}
+
+func newFeed(backlog int) *feed {
+	return &feed{ring: make([][]byte, backlog), wake: make(chan struct{})}
+}
+
+func (f *feed) publish(id uint64, wire []byte) {
+	f.mu.Lock()
+	f.ring[f.head%uint64(len(f.ring))] = wire
+	f.head = id
+	wake := f.wake
+	f.wake = make(chan struct{})
+	f.mu.Unlock()
+	close(wake)
+}
+
+func (f *feed) position() uint64 {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	return f.head
+}
+
+// after returns the cursor just after event id, or def when that is not in
+// the ring.
+func (f *feed) after(id, def uint64) uint64 {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	oldest := f.head - min(f.head, uint64(len(f.ring)))
+	if id >= oldest && id <= f.head {
+		return id
+	}
+	return def
+}
+
+// collect appends the events from cursor on to buf, up to maxBatch bytes;
+// a client that fell out of the ring skips to the oldest event kept.
+func (f *feed) collect(cursor uint64, buf []byte) ([]byte, uint64, <-chan struct{}) {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	oldest := f.head - min(f.head, uint64(len(f.ring)))
+	cursor = max(cursor, oldest)
+	for ; cursor < f.head && len(buf) < maxBatch; cursor++ {
+		buf = append(buf, f.ring[cursor%uint64(len(f.ring))]...)
+	}
+	return buf, cursor, f.wake
+}
