@@ -90,8 +90,8 @@ wait_until 100 listening 9000
 
 echo "# $(date -u +%FT%TZ) $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "# origin $RATE events/s of $SIZE bytes, ${DURATION}s runs, $SOURCES source addresses"
-printf '%-13s %7s %9s %6s %9s %8s %8s %8s %5s %8s %9s %9s %9s %9s\n' \
-	handler clients connected errors events/s p50_ms p99_ms max_ms gaps origin_c caddy_cpu caddy_rss origin_cpu origin_rss
+printf '%-13s %7s %9s %6s %9s %8s %8s %8s %5s %8s %9s %9s %9s %9s %9s\n' \
+	handler clients connected errors events/s p50_ms p99_ms max_ms gaps origin_c caddy_cpu caddy_rss origin_cpu origin_rss caddy_rss0
 RESULTS="$OUT/results.txt"
 : >"$RESULTS"
 
@@ -107,6 +107,7 @@ for ((rep = 1; rep <= REPEAT; rep++)); do
 			wait_until 300 origin_idle
 			sleep 1
 
+			crss0=$(rss_kb "$CPID")
 			c0=$(cpu_ticks "$CPID")
 			o0=$(cpu_ticks "$OPID")
 			json="$OUT/sseload-$name-$n-$rep.json"
@@ -128,33 +129,35 @@ for ((rep = 1; rep <= REPEAT; rep++)); do
 				--arg crss "$(awk -v k="$crss" 'BEGIN {printf "%.1f", k / 1024}')" \
 				--arg ocpu "$(awk -v a="$o0" -v b="$o1" -v t="$TCK" 'BEGIN {printf "%.2f", (b - a) / t}')" \
 				--arg orss "$(awk -v k="$orss" 'BEGIN {printf "%.1f", k / 1024}')" \
-				'[$name, $n, .connected, .connect_errors, (.events_per_second | floor), (.latency_p50_ms * 100 | round / 100), (.latency_p99_ms * 100 | round / 100), (.latency_max_ms * 100 | round / 100), .gap_clients, $oc, $ccpu, $crss, $ocpu, $orss] | @tsv' "$json")
+				--arg crss0 "$(awk -v k="$crss0" 'BEGIN {printf "%.1f", k / 1024}')" \
+				'[$name, $n, .connected, .connect_errors, (.events_per_second | floor), (.latency_p50_ms * 100 | round / 100), (.latency_p99_ms * 100 | round / 100), (.latency_max_ms * 100 | round / 100), .gap_clients, $oc, $ccpu, $crss, $ocpu, $orss, $crss0] | @tsv' "$json")
 			echo "$row" >>"$RESULTS"
 			# shellcheck disable=SC2086
-			printf '%-13s %7s %9s %6s %9s %8s %8s %8s %5s %8s %9s %9s %9s %9s\n' $row
+			printf '%-13s %7s %9s %6s %9s %8s %8s %8s %5s %8s %9s %9s %9s %9s %9s\n' $row
 		done
 	done
 done
 
-echo "# caddy_cpu, origin_cpu: CPU seconds over the run; caddy_rss, origin_rss: MiB at the end; origin_c: origin event streams open"
+echo "# caddy_cpu, origin_cpu: CPU seconds over the run; caddy_rss, origin_rss: MiB at the end; caddy_rss0: Caddy's MiB before the run; origin_c: origin event streams open"
 echo "# ratios reverse_proxy / sse_fanout (medians over the repeats):"
-printf '%-7s %9s %9s %9s %9s %9s %9s\n' clients origin_c caddy_cpu caddy_rss p50 p99 origin_cpu
+printf '%-7s %9s %9s %9s %10s %9s %9s %9s\n' clients origin_c caddy_cpu caddy_rss rss-rss0 p50 p99 origin_cpu
 for n in $CLIENTS; do
 	awk -F'\t' -v n="$n" '
 		function median(a, k,   i, j, t) { # sorts a[1..k] in place
 			for (i = 2; i <= k; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
 			return k % 2 ? a[(k + 1) / 2] : (a[k / 2] + a[k / 2 + 1]) / 2
 		}
-		function ratio(col,   f, p, kf, kp) {
+		function ratio(col, base,   f, p, kf, kp) { # of the medians of column col (minus column base)
 			kf = kp = 0
 			for (i = 1; i <= rows; i++) {
-				if (name[i] == "sse_fanout") f[++kf] = v[i, col]; else p[++kp] = v[i, col]
+				x = v[i, col] - (base ? v[i, base] : 0)
+				if (name[i] == "sse_fanout") f[++kf] = x; else p[++kp] = x
 			}
 			if (kf == 0 || kp == 0) return "n/a"
 			f0 = median(f, kf); p0 = median(p, kp)
 			return f0 > 0 ? sprintf("%.1f", p0 / f0) : "inf"
 		}
 		$2 == n { rows++; name[rows] = $1; for (c = 1; c <= NF; c++) v[rows, c] = $c }
-		END { printf "%-7s %9s %9s %9s %9s %9s %9s\n", n, ratio(10), ratio(11), ratio(12), ratio(6), ratio(7), ratio(13) }
+		END { printf "%-7s %9s %9s %9s %10s %9s %9s %9s\n", n, ratio(10), ratio(11), ratio(12), ratio(12, 15), ratio(6), ratio(7), ratio(13) }
 	' "$RESULTS"
 done
