@@ -102,6 +102,10 @@ func (h *hub) propose(ctx caddy.Context, hd *Handler) error {
 	}
 	hd.configDone = ctx.Done()
 	h.handlers = append(h.handlers, hd)
+	if h.active == nil {
+		// the hub was made with this handler's settings and transport
+		h.active = hd
+	}
 	return nil
 }
 
@@ -110,9 +114,12 @@ func (h *hub) propose(ctx caddy.Context, hd *Handler) error {
 func (h *hub) activate(hd *Handler) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if !slices.Contains(h.handlers, hd) {
-		return
+	if slices.Contains(h.handlers, hd) {
+		h.activateLocked(hd)
 	}
+}
+
+func (h *hub) activateLocked(hd *Handler) {
 	h.active = hd
 	h.settings = hd.settings
 	h.rt = hd.transport
@@ -124,14 +131,16 @@ func (h *hub) activate(hd *Handler) {
 
 // withdraw unregisters a handler whose config is being cleaned up. If it
 // was the active one, the newest remaining handler takes over, so that new
-// upstream requests never use a transport that was cleaned up.
+// upstream requests never use a transport that was cleaned up. Caddy cleans
+// up an old config only after its successor started, and a config that
+// failed to load at once, so the newest remaining handler belongs to the
+// running config.
 func (h *hub) withdraw(hd *Handler) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	h.handlers = slices.DeleteFunc(h.handlers, func(o *Handler) bool { return o == hd })
 	if h.active == hd && len(h.handlers) > 0 {
-		next := h.handlers[len(h.handlers)-1]
-		h.active, h.rt, h.logger = next, next.transport, next.logger
+		h.activateLocked(h.handlers[len(h.handlers)-1])
 	}
 }
 
