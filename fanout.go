@@ -134,19 +134,19 @@ func (s *stream) resize(set hubSettings) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.maxBytes = set.historyBytes
-	if set.history == len(s.ring) {
-		s.evict(0)
-		return
+	if set.history != len(s.ring) {
+		old, oldCap := s.ring, uint64(len(s.ring))
+		for s.count > set.history {
+			s.dropOldest(old, oldCap)
+		}
+		s.ring = make([]entry, set.history)
+		for seq := s.head - uint64(s.count); seq < s.head; seq++ {
+			s.ring[seq%uint64(len(s.ring))] = old[seq%oldCap]
+		}
 	}
-	old, oldCap := s.ring, uint64(len(s.ring))
-	s.ring = make([]entry, set.history)
-	for s.count > set.history {
-		s.dropOldest(old, oldCap)
+	for s.count > 0 && s.bytes > s.maxBytes {
+		s.dropOldest(s.ring, uint64(len(s.ring)))
 	}
-	for seq := s.head - uint64(s.count); seq < s.head; seq++ {
-		s.ring[seq%uint64(len(s.ring))] = old[seq%oldCap]
-	}
-	s.evict(0)
 }
 
 func (s *stream) dropOldest(ring []entry, capacity uint64) {
@@ -156,7 +156,7 @@ func (s *stream) dropOldest(ring []entry, capacity uint64) {
 	s.count--
 }
 
-// evict drops the oldest entries until one of size more fits.
+// evict drops the oldest entries until an entry of size more fits.
 func (s *stream) evict(size int) {
 	capacity := uint64(len(s.ring))
 	for s.count > 0 && (s.count >= len(s.ring) || s.bytes+int64(size) > s.maxBytes) {
@@ -255,7 +255,9 @@ var batchPool = sync.Pool{New: func() any { b := make([]byte, 0, 16<<10); return
 // pending entry is returned as it is (its bytes are immutable); several are
 // coalesced into buf, up to maxBatch, and coalesced is true. lagging is
 // true when the client is too far behind to stay: more than 3/4 of the
-// history in entries or bytes, or past its oldest entry.
+// history in entries or bytes (and more than one entry), or past its
+// oldest entry. 3/4 leaves the client's own last entry in the history, so
+// it resumes by Last-Event-ID with no gap.
 func (s *stream) collect(cursor uint64, buf []byte, skipRetry bool) (out []byte, coalesced bool, next uint64, wake <-chan struct{}, lagging bool) {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
@@ -265,9 +267,12 @@ func (s *stream) collect(cursor uint64, buf []byte, skipRetry bool) (out []byte,
 	}
 	capacity := uint64(len(s.ring))
 	oldest := s.head - uint64(s.count)
-	if cursor < oldest ||
-		(s.head-cursor)*4 > capacity*3 ||
-		(s.total-s.ring[cursor%capacity].off)*4 > uint64(s.maxBytes)*3 {
+	behind := s.head - cursor
+	if cursor < oldest || (behind > 1 &&
+		(behind*4 > capacity*3 || (s.total-s.ring[cursor%capacity].off)*4 > uint64(s.maxBytes)*3)) {
+		// one entry behind is never lagging: with a tiny history, or an
+		// event near history_bytes, every client is one behind at each
+		// publish
 		return nil, false, cursor, wake, true
 	}
 	if s.head-cursor == 1 {

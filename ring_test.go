@@ -1,0 +1,179 @@
+package ssefanout
+
+import (
+	"fmt"
+	"net/url"
+	"strings"
+	"testing"
+)
+
+// Unit tests of a stream's history ring, without network or upstream.
+
+func testStream(history int, historyBytes int64) *stream {
+	h := newHub(&upstreamTemplate{scheme: "http", host: "x"}, nil, nil, nil, hubSettings{history: history, historyBytes: historyBytes}, nil)
+	return newStream(h, "k", &url.URL{Path: "/"}, nil, "", hubSettings{history: history, historyBytes: historyBytes})
+}
+
+func pub(s *stream, id string, setsID bool, data string) {
+	s.publish(entryEvent, []byte(data), id, setsID, true)
+}
+
+func TestCollectCoalescesPendingEntries(t *testing.T) {
+	s := testStream(8, 1<<20)
+	for i := range 5 {
+		pub(s, fmt.Sprint(i), true, fmt.Sprintf("<%d>", i))
+	}
+	out, coalesced, next, _, lagging := s.collect(1, nil, false)
+	if string(out) != "<1><2><3><4>" || !coalesced || next != 5 || lagging {
+		t.Fatalf("collect from 1: %q coalesced=%v next=%d lagging=%v", out, coalesced, next, lagging)
+	}
+	out, coalesced, next, _, _ = s.collect(4, nil, false)
+	if string(out) != "<4>" || coalesced || next != 5 {
+		t.Fatalf("a single pending entry should be returned as is: %q %v %d", out, coalesced, next)
+	}
+	if out, _, next, _, _ := s.collect(5, nil, false); out != nil || next != 5 {
+		t.Fatalf("nothing pending: %q %d", out, next)
+	}
+	// retry entries are skipped for clients whose handler overrides retry
+	s.publish(entryRetry, []byte("<r>"), "", false, false)
+	pub(s, "5", true, "<5>")
+	if out, _, _, _, _ := s.collect(4, nil, true); string(out) != "<4><5>" {
+		t.Fatalf("skipRetry: %q", out)
+	}
+	if out, _, _, _, _ := s.collect(4, nil, false); string(out) != "<4><r><5>" {
+		t.Fatalf("with retry: %q", out)
+	}
+}
+
+func TestCollectDropsLaggingClients(t *testing.T) {
+	s := testStream(8, 1<<20)
+	for i := range 20 {
+		pub(s, fmt.Sprint(i), true, "e")
+	}
+	// ring holds 12..19; 3/4 of 8 is 6 entries behind at most
+	if _, _, _, _, lagging := s.collect(11, nil, false); !lagging {
+		t.Fatal("a cursor before the oldest entry must be lagging")
+	}
+	if _, _, _, _, lagging := s.collect(13, nil, false); !lagging {
+		t.Fatal("7 entries behind in a ring of 8 must be lagging")
+	}
+	if _, _, _, _, lagging := s.collect(14, nil, false); lagging {
+		t.Fatal("6 entries behind in a ring of 8 is within 3/4")
+	}
+	// by bytes: 3/4 of 100 bytes
+	b := testStream(100, 100)
+	for range 10 {
+		pub(b, "", false, strings.Repeat("x", 10))
+	}
+	if _, _, _, _, lagging := b.collect(2, nil, false); !lagging {
+		t.Fatal("80 bytes behind of 100 must be lagging")
+	}
+	if _, _, _, _, lagging := b.collect(3, nil, false); lagging {
+		t.Fatal("70 bytes behind of 100 is within 3/4")
+	}
+}
+
+func TestHistoryBounds(t *testing.T) {
+	s := testStream(4, 25)
+	for i := range 6 {
+		pub(s, fmt.Sprint(i), true, "0123456789")
+	}
+	// 25 bytes hold two 10-byte entries
+	if s.count != 2 || s.bytes != 20 || s.head != 6 {
+		t.Fatalf("count=%d bytes=%d head=%d", s.count, s.bytes, s.head)
+	}
+	s.resize(hubSettings{history: 1, historyBytes: 1000})
+	if s.count != 1 || len(s.ring) != 1 {
+		t.Fatalf("resize to 1: count=%d len=%d", s.count, len(s.ring))
+	}
+	if out, _, _, _, _ := s.collect(5, nil, false); string(out) != "0123456789" {
+		t.Fatalf("newest entry lost in resize: %q", out)
+	}
+	s.resize(hubSettings{history: 10, historyBytes: 1000})
+	for i := 6; i < 9; i++ {
+		pub(s, fmt.Sprint(i), true, "ab")
+	}
+	if s.count != 4 || s.head != 9 {
+		t.Fatalf("after growing: count=%d head=%d", s.count, s.head)
+	}
+}
+
+func TestFindResumesAfterMostRecentEntrySettingTheID(t *testing.T) {
+	s := testStream(10, 1<<20)
+	pub(s, "a", true, "1")
+	pub(s, "a", false, "2") // inherits a, did not set it
+	pub(s, "b", true, "3")
+	pub(s, "a", true, "4") // a again: resume after this one
+	pub(s, "a", false, "5")
+	if seq, ok := s.find("a"); !ok || seq != 4 {
+		t.Fatalf("find(a) = %d %v, want 4", seq, ok)
+	}
+	if seq, ok := s.find("b"); !ok || seq != 3 {
+		t.Fatalf("find(b) = %d %v, want 3", seq, ok)
+	}
+	if _, ok := s.find("zzz"); ok {
+		t.Fatal("unknown id found")
+	}
+	// a stream resumed upstream from a client's id knows that id too
+	c := newStream(s.hub, "k2", &url.URL{Path: "/"}, nil, "42", hubSettings{history: 10, historyBytes: 1 << 20})
+	pub(c, "43", true, "x")
+	if seq, ok := c.find("42"); !ok || seq != 0 {
+		t.Fatalf("find(initial id) = %d %v, want 0", seq, ok)
+	}
+	if got := c.replayStart(5); got != 0 {
+		t.Fatalf("replayStart(5) = %d", got)
+	}
+}
+
+func TestStreamKeyNeverCollides(t *testing.T) {
+	vary := []string{"Authorization", "Cookie"}
+	keys := map[string]string{}
+	for name, hdr := range map[string]map[string][]string{
+		"none":          {},
+		"empty auth":    {"Authorization": {""}},
+		"auth a":        {"Authorization": {"a"}},
+		"auth a,b":      {"Authorization": {"a", "b"}},
+		"auth ab":       {"Authorization": {"ab"}},
+		"cookie a":      {"Cookie": {"a"}},
+		"auth a cookie": {"Authorization": {"a"}, "Cookie": {""}},
+	} {
+		k := streamKey("http://o/x", vary, hdr)
+		if other, dup := keys[k]; dup {
+			t.Fatalf("%q and %q share a key", name, other)
+		}
+		keys[k] = name
+	}
+	if streamKey("http://o/x", nil, map[string][]string{"Authorization": {"a"}}) != "http://o/x" {
+		t.Fatal("without vary, the key is the URL")
+	}
+}
+
+// TestResizeSameSettingsKeepsHistory: every config that starts applies its
+// settings to the surviving streams; the same settings must keep every
+// entry of a full ring.
+func TestResizeSameSettingsKeepsHistory(t *testing.T) {
+	s := testStream(4, 1<<20)
+	for i := range 4 {
+		pub(s, fmt.Sprint(i), true, "e")
+	}
+	s.resize(hubSettings{history: 4, historyBytes: 1 << 20})
+	if s.count != 4 {
+		t.Fatalf("resize with the same settings dropped entries: %d left", s.count)
+	}
+	s.resize(hubSettings{history: 4, historyBytes: 2})
+	if s.count != 2 {
+		t.Fatalf("a lower history_bytes should keep 2 one-byte entries, kept %d", s.count)
+	}
+}
+
+func TestOneEntryBehindIsNeverLagging(t *testing.T) {
+	s := testStream(1, 100)
+	pub(s, "1", true, strings.Repeat("x", 90))
+	if _, _, _, _, lagging := s.collect(0, nil, false); lagging {
+		t.Fatal("with history 1, a client one event behind was dropped")
+	}
+	pub(s, "2", true, "y")
+	if _, _, _, _, lagging := s.collect(0, nil, false); !lagging {
+		t.Fatal("a client whose entry was evicted must be lagging")
+	}
+}
