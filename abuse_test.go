@@ -18,6 +18,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 // Tests for the issue "Bounded under abuse": hostile or careless clients
@@ -967,5 +969,85 @@ func TestAbuseFlappingOrigin(t *testing.T) {
 	}
 	if flapper.ended() || lc.ended() {
 		t.Fatalf("a client's stream ended (flap %v, legit %v)", flapper.ended(), lc.ended())
+	}
+}
+
+// TestAbuseLaggingClientResumes: an origin publishes faster than one client
+// reads. The fast clients get everything; the slow one is dropped once it
+// is more than 3/4 of the history behind, and resumes by Last-Event-ID
+// with no gap and no duplicate.
+func TestAbuseLaggingClientResumes(t *testing.T) {
+	leakCheck(t)
+	o := newOrigin(t)
+	// the quarter of the history left when a client is dropped must cover
+	// what the kernel still holds for it (a socket send buffer grows to
+	// 4 MiB on Linux) and what is published during its last blocked write:
+	// 8000 events of 4 KiB leave 8 MiB
+	base := startCaddy(t, "sse_fanout "+o.URL+" {\n history 8000\n history_bytes 64MiB\n linger 5s\n keepalive 1m\n}")
+	// the slow client reads 4 KiB every 5 ms on a normal socket: what the
+	// kernel buffers for it is bounded by the proxy's client_send_buffer
+	// (256 KiB) plus its own receive buffer
+	slowRT := newClientTransport()
+	defer slowRT.CloseIdleConnections()
+	fastRT := newClientTransport()
+	defer fastRT.CloseIdleConnections()
+
+	slow := newEventSource(t, slowRT, base+"/lag")
+	slow.readDelay.Store(int64(5 * time.Millisecond))
+	var fast []*eventSource
+	for range 5 {
+		fast = append(fast, newEventSource(t, fastRT, base+"/lag"))
+	}
+	o.waitOpen(t, "/lag", 1, 5*time.Second)
+	s := findStream(t, "/lag")
+	eventually(t, 5*time.Second, func() bool { return clientCount(s) == 6 }, func() string { return "clients did not attach" })
+
+	dropped := func() float64 { return testutil.ToFloat64(metrics.clientsDropped.WithLabelValues("lagging")) }
+	before := dropped()
+	payload := strings.Repeat("z", 4<<10)
+	n := 0
+	start := time.Now()
+	// publish until the slow client is dropped, then stop at once so that
+	// its resume point is still in the history
+	for dropped() == before {
+		if n >= 60000 || time.Since(start) > 90*time.Second {
+			got, opens := slow.snapshot()
+			t.Fatalf("slow client not dropped after %d events (it has %d events, %d connections; write timeouts %v)", n, len(got), opens, testutil.ToFloat64(metrics.clientsDropped.WithLabelValues("write_timeout")))
+		}
+		n++
+		o.send("/lag", ev(n, fmt.Sprint(n, payload)))
+		// at most ~1000 events/s: a blocked write to the slow client (one
+		// batch, while it reads ~800 KB/s) must not outrun the margin
+		time.Sleep(time.Millisecond)
+	}
+	t.Logf("slow client dropped as lagging after %d events of 4 KiB (%v)", n, time.Since(start).Round(time.Millisecond))
+	slow.readDelay.Store(0)
+
+	want := make([]string, 0, n)
+	for i := 1; i <= n; i++ {
+		want = append(want, fmt.Sprintf("%d|%d%s", i, i, payload))
+	}
+	for i, c := range append([]*eventSource{slow}, fast...) {
+		eventually(t, 60*time.Second, func() bool { got, _ := c.snapshot(); return len(got) >= n }, func() string {
+			got, _ := c.snapshot()
+			c.mu.Lock()
+			defer c.mu.Unlock()
+			return fmt.Sprintf("client %d got %d of %d events; sent ids %q, statuses %v, clean ends %d, ends %d; stream clients %d", i, len(got), n, c.sentID, c.status, c.clean, len(c.ends), clientCount(s))
+		})
+		got, opens := c.snapshot()
+		for j := range want {
+			if j >= len(got) || got[j] != want[j] {
+				t.Fatalf("client %d: event %d wrong or missing (got %d events, %d connections)", i, j+1, len(got), opens)
+			}
+		}
+		if len(got) != n {
+			t.Fatalf("client %d: %d events, want %d (duplicates)", i, len(got), n)
+		}
+		if i == 0 && opens < 2 {
+			t.Fatalf("slow client was never reconnected (%d connections)", opens)
+		}
+	}
+	if got := o.total.Load(); got != 1 {
+		t.Fatalf("origin saw %d connections, want 1", got)
 	}
 }

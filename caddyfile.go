@@ -46,6 +46,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    header_up             [+|-]<field> [<value>]
 //	    upstream_idle_timeout <duration>
 //	    drain                 <duration>
+//	    client_send_buffer    <size>|off
 //	    transport http {
 //	        <reverse_proxy http transport options>
 //	    }
@@ -113,6 +114,13 @@ func (h *Handler) unmarshalOption(d *caddyfile.Dispenser, opt string) error {
 		h.UpstreamIdleTimeout, err = durationArg(d, opt, false)
 	case "drain":
 		h.Drain, err = durationArg(d, opt, false)
+	case "client_send_buffer":
+		if d.NextArg() && d.Val() == "off" {
+			h.ClientSendBuffer = -1
+			return noMoreArgs(d, opt)
+		}
+		d.Prev()
+		h.ClientSendBuffer, err = sizeArg(d, opt)
 	case "vary":
 		args := d.RemainingArgs()
 		if len(args) == 0 {

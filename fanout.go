@@ -244,8 +244,11 @@ func (s *stream) replayStart(n int) uint64 {
 }
 
 // maxBatch bounds one write to a client, so that a client catching up on a
-// large history holds at most this much memory of its own.
-const maxBatch = 256 << 10
+// large history holds at most this much memory of its own, and so that a
+// slow client's lag is checked at least every 64 KiB it takes in (a write
+// blocks as long as the client takes to read it). It matches Caddy's
+// default max_write_chunk.
+const maxBatch = 64 << 10
 
 // batchPool holds the buffers used to coalesce several entries into one
 // write.
@@ -253,34 +256,36 @@ var batchPool = sync.Pool{New: func() any { b := make([]byte, 0, 16<<10); return
 
 // collect gathers what a client at cursor has not been sent yet. A single
 // pending entry is returned as it is (its bytes are immutable); several are
-// coalesced into buf, up to maxBatch, and coalesced is true. lagging is
-// true when the client is too far behind to stay: more than 3/4 of the
-// history in entries or bytes (and more than one entry), or past its
-// oldest entry. 3/4 leaves the client's own last entry in the history, so
-// it resumes by Last-Event-ID with no gap.
-func (s *stream) collect(cursor uint64, buf []byte, skipRetry bool) (out []byte, coalesced bool, next uint64, wake <-chan struct{}, lagging bool) {
+// coalesced into buf, up to maxBatch, and coalesced is true. behind says
+// how far back the client is: evicted when its next entry is gone from the
+// history, farBehind when it is more than 3/4 of the history back, in
+// entries or bytes (and more than one entry). 3/4 leaves the client's own
+// last entry in the history, so a client dropped then resumes by
+// Last-Event-ID with no gap.
+func (s *stream) collect(cursor uint64, buf []byte, skipRetry bool) (out []byte, coalesced bool, next uint64, wake <-chan struct{}, behind lag) {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	wake = s.wake
 	if cursor == s.head {
-		return nil, false, cursor, wake, false
+		return nil, false, cursor, wake, lagNone
 	}
 	capacity := uint64(len(s.ring))
-	oldest := s.head - uint64(s.count)
-	behind := s.head - cursor
-	if cursor < oldest || (behind > 1 &&
-		(behind*4 > capacity*3 || (s.total-s.ring[cursor%capacity].off)*4 > uint64(s.maxBytes)*3)) {
-		// one entry behind is never lagging: with a tiny history, or an
+	if cursor < s.head-uint64(s.count) {
+		return nil, false, cursor, wake, lagEvicted
+	}
+	behind = lagNone
+	if n := s.head - cursor; n > 1 && (n*4 > capacity*3 || (s.total-s.ring[cursor%capacity].off)*4 > uint64(s.maxBytes)*3) {
+		// one entry behind is never far: with a tiny history, or an
 		// event near history_bytes, every client is one behind at each
 		// publish
-		return nil, false, cursor, wake, true
+		behind = lagFar
 	}
 	if s.head-cursor == 1 {
 		e := &s.ring[cursor%capacity]
 		if skipRetry && e.kind == entryRetry {
-			return nil, false, s.head, wake, false
+			return nil, false, s.head, wake, behind
 		}
-		return e.wire, false, s.head, wake, false
+		return e.wire, false, s.head, wake, behind
 	}
 	out = buf
 	for ; cursor < s.head && len(out) < maxBatch; cursor++ {
@@ -290,8 +295,17 @@ func (s *stream) collect(cursor uint64, buf []byte, skipRetry bool) (out []byte,
 		}
 		out = append(out, e.wire...)
 	}
-	return out, true, cursor, wake, false
+	return out, true, cursor, wake, behind
 }
+
+// lag is how far a client is behind its stream's head.
+type lag uint8
+
+const (
+	lagNone    lag = iota
+	lagFar         // more than 3/4 of the history behind
+	lagEvicted     // its next entry is no longer in the history
+)
 
 // client is one downstream connection's view of a stream.
 type client struct {
@@ -431,13 +445,19 @@ func (c *client) loop(ctx context.Context) {
 	stopping := h.stopping
 	bufp := batchPool.Get().(*[]byte)
 	defer batchPool.Put(bufp)
+	caughtUp := false
 	for {
-		out, coalesced, next, wake, lagging := s.collect(c.cursor, (*bufp)[:0], skipRetry)
-		if lagging {
+		out, coalesced, next, wake, behind := s.collect(c.cursor, (*bufp)[:0], skipRetry)
+		// a client that fell far behind is dropped while its resume point
+		// is still in the history; one that starts far behind (a resume or
+		// a long replay) is let catch up, as dropping it would only bring
+		// it back to the same point
+		if behind == lagEvicted || (behind == lagFar && caughtUp) {
 			metrics.clientsDropped.WithLabelValues("lagging").Inc()
 			c.debug("client too far behind, disconnecting")
 			return
 		}
+		caughtUp = caughtUp || behind == lagNone
 		if len(out) > 0 {
 			if coalesced && cap(out) <= 2*maxBatch {
 				*bufp = out[:0] // keep the grown buffer for the next batch

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -152,6 +153,9 @@ func benchmarkDeliver(b *testing.B, clients int) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	d := &deliveryCount{all: make(chan struct{}, 1), failed: make(chan string, clients)}
+	var idle0, idle1 runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&idle0)
 	var started, running sync.WaitGroup
 	started.Add(clients)
 	running.Add(clients)
@@ -175,11 +179,14 @@ func benchmarkDeliver(b *testing.B, clients int) {
 		}()
 	}
 	started.Wait() // every client has flushed its head: it is in its loop
+	runtime.GC()
+	runtime.ReadMemStats(&idle1)
 
 	timeout := time.NewTimer(time.Minute)
 	defer timeout.Stop()
 	var before, after runtime.MemStats
 	runtime.ReadMemStats(&before)
+	cpu0 := processCPU(b)
 	events := 0
 	for b.Loop() {
 		timeout.Reset(time.Minute)
@@ -195,14 +202,30 @@ func benchmarkDeliver(b *testing.B, clients int) {
 		}
 	}
 	elapsed := b.Elapsed()
+	cpu := processCPU(b) - cpu0
 	runtime.ReadMemStats(&after)
 	deliveries := float64(events) * float64(clients)
 	b.ReportMetric(float64(elapsed.Nanoseconds())/deliveries, "ns/delivery")
+	// CPU time (user + system, all threads) per delivery: steadier than
+	// wall time on a machine shared with other work
+	b.ReportMetric(float64(cpu.Nanoseconds())/deliveries, "cpu-ns/delivery")
 	b.ReportMetric(float64(after.Mallocs-before.Mallocs)/deliveries, "allocs/delivery")
 	b.ReportMetric(float64(d.writes.Load())/deliveries, "writes/delivery")
+	// the heap an idle client holds in the module (its sink and request
+	// included, net/http's connection buffers and goroutine stacks not)
+	b.ReportMetric(float64(idle1.HeapAlloc-idle0.HeapAlloc)/float64(clients), "heap-B/client")
 
 	cancel()
 	running.Wait()
+}
+
+// processCPU returns the CPU time the process has used so far.
+func processCPU(tb testing.TB) time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		tb.Fatal(err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 // benchHandler is a handler with the default options, as Provision leaves

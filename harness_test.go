@@ -551,6 +551,9 @@ type eventSource struct {
 	sentID []string // Last-Event-ID sent on each connection
 	stop   chan struct{}
 	done   chan struct{}
+	// readDelay, when set, makes the client read 4 KiB at a time with this
+	// pause before each read: a slow reader.
+	readDelay atomic.Int64
 }
 
 // newEventSource starts a reconnecting client; it stops at test cleanup.
@@ -623,7 +626,12 @@ func (es *eventSource) once(rt http.RoundTripper) {
 	p.setLastEventID(id)
 	buf := make([]byte, 32<<10)
 	for {
-		n, err := resp.Body.Read(buf)
+		chunk := buf
+		if d := time.Duration(es.readDelay.Load()); d > 0 {
+			time.Sleep(d)
+			chunk = buf[:4<<10]
+		}
+		n, err := resp.Body.Read(chunk)
 		p.feed(buf[:n], func(r *record) {
 			es.mu.Lock()
 			defer es.mu.Unlock()

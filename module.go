@@ -46,6 +46,7 @@ const (
 	defaultMaxStreams     = 1000
 	defaultDrain          = 5 * time.Second
 	defaultHeaderTimeout  = 10 * time.Second
+	defaultSendBuffer     = 256 << 10
 	maxLastEventIDLen     = 1024
 	maxRedirects          = 10
 	refusalRetryMinMillis = 5000
@@ -148,6 +149,14 @@ type Handler struct {
 	// Default: 0 (off).
 	UpstreamIdleTimeout caddy.Duration `json:"upstream_idle_timeout,omitempty"`
 
+	// The kernel send buffer of each HTTP/1.1 client connection that
+	// carries a stream, in bytes. A small buffer bounds the kernel memory a
+	// stuck client holds (Linux grows it to 4MiB) and lets a slow client's
+	// lag be noticed while its resume point is still in the history; it
+	// still allows about this much per round trip, plenty for events.
+	// Default: 256KiB. A negative value leaves the kernel's own sizing.
+	ClientSendBuffer int64 `json:"client_send_buffer,omitempty"`
+
 	// When the config is reloaded, the clients' streams are ended spread
 	// over this window, so that they reconnect to the new config (and resume
 	// from the same history) without all arriving in the same instant. On
@@ -155,6 +164,7 @@ type Handler struct {
 	Drain caddy.Duration `json:"drain,omitempty"`
 
 	transport *reverseproxy.HTTPTransport
+	server    *caddyhttp.Server
 	hub       *hub
 	hubKey    string
 	hubRef    bool
@@ -236,6 +246,8 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	if srv, ok := ctx.Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server); ok && srv != nil {
 		srv.RegisterOnShutdown(h.shutdown)
+		rememberConns(srv)
+		h.server = srv
 	}
 	return nil
 }
@@ -274,6 +286,9 @@ func (h *Handler) setDefaults() {
 	}
 	if h.Drain == 0 {
 		h.Drain = caddy.Duration(defaultDrain)
+	}
+	if h.ClientSendBuffer == 0 {
+		h.ClientSendBuffer = defaultSendBuffer
 	}
 }
 
@@ -392,6 +407,9 @@ func (h *Handler) Cleanup() error {
 	if h.state != nil {
 		h.shutdown()
 	}
+	if h.server != nil {
+		forgetConns(h.server)
+	}
 	if h.hub != nil {
 		h.hub.withdraw(h)
 	}
@@ -462,6 +480,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return nil
 	}
 	defer h.hub.detach(s)
+	if h.ClientSendBuffer > 0 && r.ProtoMajor == 1 {
+		setSendBuffer(r.Context(), int(h.ClientSendBuffer))
+	}
 	return h.serveClient(w, r, s, lastID, hasLastID)
 }
 

@@ -23,9 +23,9 @@ func TestCollectCoalescesPendingEntries(t *testing.T) {
 	for i := range 5 {
 		pub(s, fmt.Sprint(i), true, fmt.Sprintf("<%d>", i))
 	}
-	out, coalesced, next, _, lagging := s.collect(1, nil, false)
-	if string(out) != "<1><2><3><4>" || !coalesced || next != 5 || lagging {
-		t.Fatalf("collect from 1: %q coalesced=%v next=%d lagging=%v", out, coalesced, next, lagging)
+	out, coalesced, next, _, behind := s.collect(1, nil, false)
+	if string(out) != "<1><2><3><4>" || !coalesced || next != 5 || behind != lagNone {
+		t.Fatalf("collect from 1: %q coalesced=%v next=%d behind=%v", out, coalesced, next, behind)
 	}
 	out, coalesced, next, _, _ = s.collect(4, nil, false)
 	if string(out) != "<4>" || coalesced || next != 5 {
@@ -51,13 +51,13 @@ func TestCollectDropsLaggingClients(t *testing.T) {
 		pub(s, fmt.Sprint(i), true, "e")
 	}
 	// ring holds 12..19; 3/4 of 8 is 6 entries behind at most
-	if _, _, _, _, lagging := s.collect(11, nil, false); !lagging {
+	if _, _, _, _, behind := s.collect(11, nil, false); behind != lagEvicted {
 		t.Fatal("a cursor before the oldest entry must be lagging")
 	}
-	if _, _, _, _, lagging := s.collect(13, nil, false); !lagging {
+	if _, _, _, _, behind := s.collect(13, nil, false); behind != lagFar {
 		t.Fatal("7 entries behind in a ring of 8 must be lagging")
 	}
-	if _, _, _, _, lagging := s.collect(14, nil, false); lagging {
+	if _, _, _, _, behind := s.collect(14, nil, false); behind != lagNone {
 		t.Fatal("6 entries behind in a ring of 8 is within 3/4")
 	}
 	// by bytes: 3/4 of 100 bytes
@@ -65,10 +65,10 @@ func TestCollectDropsLaggingClients(t *testing.T) {
 	for range 10 {
 		pub(b, "", false, strings.Repeat("x", 10))
 	}
-	if _, _, _, _, lagging := b.collect(2, nil, false); !lagging {
+	if _, _, _, _, behind := b.collect(2, nil, false); behind != lagFar {
 		t.Fatal("80 bytes behind of 100 must be lagging")
 	}
-	if _, _, _, _, lagging := b.collect(3, nil, false); lagging {
+	if _, _, _, _, behind := b.collect(3, nil, false); behind != lagNone {
 		t.Fatal("70 bytes behind of 100 is within 3/4")
 	}
 }
@@ -169,11 +169,11 @@ func TestResizeSameSettingsKeepsHistory(t *testing.T) {
 func TestOneEntryBehindIsNeverLagging(t *testing.T) {
 	s := testStream(1, 100)
 	pub(s, "1", true, strings.Repeat("x", 90))
-	if _, _, _, _, lagging := s.collect(0, nil, false); lagging {
+	if _, _, _, _, behind := s.collect(0, nil, false); behind != lagNone {
 		t.Fatal("with history 1, a client one event behind was dropped")
 	}
 	pub(s, "2", true, "y")
-	if _, _, _, _, lagging := s.collect(0, nil, false); !lagging {
+	if _, _, _, _, behind := s.collect(0, nil, false); behind != lagEvicted {
 		t.Fatal("a client whose entry was evicted must be lagging")
 	}
 }

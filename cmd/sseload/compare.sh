@@ -11,8 +11,8 @@
 # reverse_proxy (:8081) of cmd/sseload/Caddyfile.bench. Each measurement
 # gets a fresh Caddy process, so that one run's memory does not show in the
 # next one's RSS. Per run it records the origin's open event streams, Caddy's
-# RSS (VmRSS) and the origin's, both sampled 1s before the end while every
-# client is still connected, Caddy's and the origin's CPU time
+# RSS (VmRSS) before the run and 1s before its end, while every client is
+# still connected, Caddy's and the origin's CPU time
 # (utime+stime) from the start of the run to that sample, and what sseload
 # reports. Then it prints the ratios reverse_proxy / sse_fanout.
 #
@@ -90,8 +90,8 @@ wait_until 100 listening 9000
 
 echo "# $(date -u +%FT%TZ) $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "# origin $RATE events/s of $SIZE bytes, ${DURATION}s runs, $SOURCES source addresses"
-printf '%-13s %7s %9s %6s %9s %8s %8s %8s %5s %8s %9s %9s %9s %9s %9s\n' \
-	handler clients connected errors events/s p50_ms p99_ms max_ms gaps origin_c caddy_cpu caddy_rss origin_cpu origin_rss caddy_rss0
+printf '%-13s %7s %9s %6s %9s %8s %8s %8s %5s %8s %9s %9s %9s %9s\n' \
+	handler clients connected errors events/s p50_ms p99_ms max_ms gaps origin_c caddy_cpu caddy_rss origin_cpu caddy_rss0
 RESULTS="$OUT/results.txt"
 : >"$RESULTS"
 
@@ -117,7 +117,6 @@ for ((rep = 1; rep <= REPEAT; rep++)); do
 			c1=$(cpu_ticks "$CPID")
 			o1=$(cpu_ticks "$OPID")
 			crss=$(rss_kb "$CPID")
-			orss=$(rss_kb "$OPID")
 			ostreams=$(origin_streams)
 			wait "$LPID"
 			LPID=
@@ -128,17 +127,16 @@ for ((rep = 1; rep <= REPEAT; rep++)); do
 				--arg ccpu "$(awk -v a="$c0" -v b="$c1" -v t="$TCK" 'BEGIN {printf "%.2f", (b - a) / t}')" \
 				--arg crss "$(awk -v k="$crss" 'BEGIN {printf "%.1f", k / 1024}')" \
 				--arg ocpu "$(awk -v a="$o0" -v b="$o1" -v t="$TCK" 'BEGIN {printf "%.2f", (b - a) / t}')" \
-				--arg orss "$(awk -v k="$orss" 'BEGIN {printf "%.1f", k / 1024}')" \
 				--arg crss0 "$(awk -v k="$crss0" 'BEGIN {printf "%.1f", k / 1024}')" \
-				'[$name, $n, .connected, .connect_errors, (.events_per_second | floor), (.latency_p50_ms * 100 | round / 100), (.latency_p99_ms * 100 | round / 100), (.latency_max_ms * 100 | round / 100), .gap_clients, $oc, $ccpu, $crss, $ocpu, $orss, $crss0] | @tsv' "$json")
+				'[$name, $n, .connected, .connect_errors, (.events_per_second | floor), (.latency_p50_ms * 100 | round / 100), (.latency_p99_ms * 100 | round / 100), (.latency_max_ms * 100 | round / 100), .gap_clients, $oc, $ccpu, $crss, $ocpu, $crss0] | @tsv' "$json")
 			echo "$row" >>"$RESULTS"
 			# shellcheck disable=SC2086
-			printf '%-13s %7s %9s %6s %9s %8s %8s %8s %5s %8s %9s %9s %9s %9s %9s\n' $row
+			printf '%-13s %7s %9s %6s %9s %8s %8s %8s %5s %8s %9s %9s %9s %9s\n' $row
 		done
 	done
 done
 
-echo "# caddy_cpu, origin_cpu: CPU seconds over the run; caddy_rss, origin_rss: MiB at the end; caddy_rss0: Caddy's MiB before the run; origin_c: origin event streams open"
+echo "# caddy_cpu, origin_cpu: CPU seconds over the run; caddy_rss: MiB at the end; caddy_rss0: Caddy's MiB before the run; origin_c: origin event streams open"
 echo "# ratios reverse_proxy / sse_fanout (medians over the repeats):"
 printf '%-7s %9s %9s %9s %10s %9s %9s %9s\n' clients origin_c caddy_cpu caddy_rss rss-rss0 p50 p99 origin_cpu
 for n in $CLIENTS; do
@@ -158,6 +156,6 @@ for n in $CLIENTS; do
 			return f0 > 0 ? sprintf("%.1f", p0 / f0) : "inf"
 		}
 		$2 == n { rows++; name[rows] = $1; for (c = 1; c <= NF; c++) v[rows, c] = $c }
-		END { printf "%-7s %9s %9s %9s %10s %9s %9s %9s\n", n, ratio(10), ratio(11), ratio(12), ratio(12, 15), ratio(6), ratio(7), ratio(13) }
+		END { printf "%-7s %9s %9s %9s %10s %9s %9s %9s\n", n, ratio(10), ratio(11), ratio(12), ratio(12, 14), ratio(6), ratio(7), ratio(13) }
 	' "$RESULTS"
 done
