@@ -184,6 +184,16 @@ func (s *stream) publish(kind entryKind, wire []byte, id string, setsID, hasID b
 	close(wake)
 }
 
+// signal wakes every client of the stream, to look at the stream's state
+// and their own.
+func (s *stream) signal() {
+	s.mu.Lock()
+	wake := s.wake
+	s.wake = make(chan struct{})
+	s.mu.Unlock()
+	close(wake)
+}
+
 // setState records where the upstream stands; the first answer, whatever
 // it is, releases the clients waiting for it.
 func (s *stream) setState(st streamState, respHeader http.Header, final *finalAnswer) {
@@ -256,13 +266,14 @@ var batchPool = sync.Pool{New: func() any { b := make([]byte, 0, 16<<10); return
 
 // collect gathers what a client at cursor has not been sent yet. A single
 // pending entry is returned as it is (its bytes are immutable); several are
-// coalesced into buf, up to maxBatch, and coalesced is true. behind says
+// coalesced, up to maxBatch, into *buf (borrowed from batchPool when nil),
+// and coalesced is true. behind says
 // how far back the client is: evicted when its next entry is gone from the
 // history, farBehind when it is more than 3/4 of the history back, in
 // entries or bytes (and more than one entry). 3/4 leaves the client's own
 // last entry in the history, so a client dropped then resumes by
 // Last-Event-ID with no gap.
-func (s *stream) collect(cursor uint64, buf []byte, skipRetry bool) (out []byte, coalesced bool, next uint64, wake <-chan struct{}, behind lag) {
+func (s *stream) collect(cursor uint64, buf **[]byte, skipRetry bool) (out []byte, coalesced bool, next uint64, wake <-chan struct{}, behind lag) {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	wake = s.wake
@@ -287,7 +298,10 @@ func (s *stream) collect(cursor uint64, buf []byte, skipRetry bool) (out []byte,
 		}
 		return e.wire, false, s.head, wake, behind
 	}
-	out = buf
+	if *buf == nil {
+		*buf = batchPool.Get().(*[]byte)
+	}
+	out = (**buf)[:0]
 	for ; cursor < s.head && len(out) < maxBatch; cursor++ {
 		e := &s.ring[cursor%capacity]
 		if skipRetry && e.kind == entryRetry {
@@ -314,6 +328,8 @@ type client struct {
 	w      http.ResponseWriter
 	rc     *http.ResponseController
 	cursor uint64
+	// deadline is the write deadline in force.
+	deadline time.Time
 }
 
 // serveClient runs a client's stream until it, its stream, its config or
@@ -430,6 +446,12 @@ func (s *stream) responseHeader() http.Header {
 
 // loop writes the stream to the client as it grows, with keepalives when
 // it is idle, until something ends it.
+//
+// It waits on as few channels as it can: thousands of clients wait on the
+// same wake channel, and a select locks every channel it waits on. The
+// rarer signals shared by all clients (the upstream ended, the config is
+// stopping, the process exits) close the wake channel too, and are polled
+// after each wake-up without taking a lock.
 func (c *client) loop(ctx context.Context) {
 	h, s := c.h, c.s
 	skipRetry := h.Retry > 0
@@ -441,13 +463,20 @@ func (c *client) loop(ctx context.Context) {
 		defer ka.Stop()
 		kaC = ka.C
 	}
+	done := ctx.Done() // once: a request context is a chain of values
 	var drain <-chan time.Time
 	stopping := h.stopping
-	bufp := batchPool.Get().(*[]byte)
-	defer batchPool.Put(bufp)
+	// a batch buffer is borrowed only while several entries are coalesced,
+	// so an idle client holds none
+	var bufp *[]byte
+	defer func() {
+		if bufp != nil {
+			batchPool.Put(bufp)
+		}
+	}()
 	caughtUp := false
 	for {
-		out, coalesced, next, wake, behind := s.collect(c.cursor, (*bufp)[:0], skipRetry)
+		out, coalesced, next, wake, behind := s.collect(c.cursor, &bufp, skipRetry)
 		// a client that fell far behind is dropped while its resume point
 		// is still in the history; one that starts far behind (a resume or
 		// a long replay) is let catch up, as dropping it would only bring
@@ -459,10 +488,15 @@ func (c *client) loop(ctx context.Context) {
 		}
 		caughtUp = caughtUp || behind == lagNone
 		if len(out) > 0 {
-			if coalesced && cap(out) <= 2*maxBatch {
-				*bufp = out[:0] // keep the grown buffer for the next batch
+			err := c.write(out)
+			if coalesced {
+				if cap(out) <= 2*maxBatch {
+					*bufp = out[:0] // keep a grown buffer
+				}
+				batchPool.Put(bufp)
+				bufp = nil
 			}
-			if err := c.write(out); err != nil {
+			if err != nil {
 				return
 			}
 			c.cursor = next
@@ -472,14 +506,12 @@ func (c *client) loop(ctx context.Context) {
 			continue
 		}
 		c.cursor = next
-		select {
-		case <-wake:
-		case <-kaC:
-			if err := c.write(keepaliveComment); err != nil {
-				return
-			}
-			ka.Reset(keepalive)
-		case <-stopping:
+		switch {
+		case closed(s.done): // the upstream ended for good, all was sent
+			return
+		case closed(s.hub.exit):
+			return
+		case stopping != nil && closed(stopping):
 			stopping = nil
 			d := h.drainDelay()
 			if d == 0 {
@@ -488,19 +520,30 @@ func (c *client) loop(ctx context.Context) {
 			t := time.NewTimer(d)
 			defer t.Stop()
 			drain = t.C
+		}
+		select {
+		case <-wake:
+		case <-kaC:
+			if err := c.write(keepaliveComment); err != nil {
+				return
+			}
+			ka.Reset(keepalive)
 		case <-drain:
 			return
-		case <-s.hub.exit:
-			return
-		case <-s.done:
-			// the upstream ended for good; send what is left first
-			if out, _, _, _, _ := s.collect(c.cursor, (*bufp)[:0], skipRetry); len(out) > 0 {
-				_ = c.write(out)
-			}
-			return
-		case <-ctx.Done():
+		case <-done:
 			return
 		}
+	}
+}
+
+// closed reports whether ch is closed, without blocking or locking it
+// when it is open and empty.
+func closed(ch <-chan struct{}) bool {
+	select {
+	case <-ch:
+		return true
+	default:
+		return false
 	}
 }
 
@@ -509,7 +552,14 @@ var keepaliveComment = appendComment(nil, "keepalive")
 // write sends p to the client and flushes it (the head alone when p is
 // empty), failing if the write stays blocked for write_timeout.
 func (c *client) write(p []byte) error {
-	_ = c.rc.SetWriteDeadline(time.Now().Add(time.Duration(c.h.WriteTimeout)))
+	// the deadline is moved only once a quarter of write_timeout has been
+	// used: setting it costs more than the write on a busy stream, and a
+	// blocked write is still cut after 3/4 to all of write_timeout
+	timeout := time.Duration(c.h.WriteTimeout)
+	if now := time.Now(); c.deadline.Sub(now) < timeout-timeout/4 {
+		c.deadline = now.Add(timeout)
+		_ = c.rc.SetWriteDeadline(c.deadline)
+	}
 	if len(p) > 0 {
 		if _, err := c.w.Write(p); err != nil {
 			if errors.Is(err, os.ErrDeadlineExceeded) {

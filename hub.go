@@ -241,6 +241,21 @@ func (h *hub) streamCount() int {
 // endAll ends every client of the hub at once.
 func (h *hub) endAll() {
 	h.exitOnce.Do(func() { close(h.exit) })
+	h.wakeAll()
+}
+
+// wakeAll wakes every client of every stream of the hub, to look at the
+// signals they poll (exit, their config stopping).
+func (h *hub) wakeAll() {
+	h.mu.Lock()
+	streams := make([]*stream, 0, len(h.streams))
+	for _, s := range h.streams {
+		streams = append(streams, s)
+	}
+	h.mu.Unlock()
+	for _, s := range streams {
+		s.signal()
+	}
 }
 
 // exitAllHubs ends every client of every hub: the process is exiting, so

@@ -427,9 +427,14 @@ func (h *Handler) Cleanup() error {
 // when the process exits.
 func (h *Handler) shutdown() {
 	h.state.stopOnce.Do(func() { close(h.stopping) })
-	if caddy.Exiting() && h.hub != nil {
-		exitAllHubs()
+	if h.hub == nil {
+		return
 	}
+	if caddy.Exiting() {
+		exitAllHubs()
+		return
+	}
+	h.hub.wakeAll()
 }
 
 // drainDelay is how long a client of a stopping handler waits before its

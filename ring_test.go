@@ -23,24 +23,24 @@ func TestCollectCoalescesPendingEntries(t *testing.T) {
 	for i := range 5 {
 		pub(s, fmt.Sprint(i), true, fmt.Sprintf("<%d>", i))
 	}
-	out, coalesced, next, _, behind := s.collect(1, nil, false)
+	out, coalesced, next, _, behind := s.collect(1, new(*[]byte), false)
 	if string(out) != "<1><2><3><4>" || !coalesced || next != 5 || behind != lagNone {
 		t.Fatalf("collect from 1: %q coalesced=%v next=%d behind=%v", out, coalesced, next, behind)
 	}
-	out, coalesced, next, _, _ = s.collect(4, nil, false)
+	out, coalesced, next, _, _ = s.collect(4, new(*[]byte), false)
 	if string(out) != "<4>" || coalesced || next != 5 {
 		t.Fatalf("a single pending entry should be returned as is: %q %v %d", out, coalesced, next)
 	}
-	if out, _, next, _, _ := s.collect(5, nil, false); out != nil || next != 5 {
+	if out, _, next, _, _ := s.collect(5, new(*[]byte), false); out != nil || next != 5 {
 		t.Fatalf("nothing pending: %q %d", out, next)
 	}
 	// retry entries are skipped for clients whose handler overrides retry
 	s.publish(entryRetry, []byte("<r>"), "", false, false)
 	pub(s, "5", true, "<5>")
-	if out, _, _, _, _ := s.collect(4, nil, true); string(out) != "<4><5>" {
+	if out, _, _, _, _ := s.collect(4, new(*[]byte), true); string(out) != "<4><5>" {
 		t.Fatalf("skipRetry: %q", out)
 	}
-	if out, _, _, _, _ := s.collect(4, nil, false); string(out) != "<4><r><5>" {
+	if out, _, _, _, _ := s.collect(4, new(*[]byte), false); string(out) != "<4><r><5>" {
 		t.Fatalf("with retry: %q", out)
 	}
 }
@@ -51,13 +51,13 @@ func TestCollectDropsLaggingClients(t *testing.T) {
 		pub(s, fmt.Sprint(i), true, "e")
 	}
 	// ring holds 12..19; 3/4 of 8 is 6 entries behind at most
-	if _, _, _, _, behind := s.collect(11, nil, false); behind != lagEvicted {
+	if _, _, _, _, behind := s.collect(11, new(*[]byte), false); behind != lagEvicted {
 		t.Fatal("a cursor before the oldest entry must be lagging")
 	}
-	if _, _, _, _, behind := s.collect(13, nil, false); behind != lagFar {
+	if _, _, _, _, behind := s.collect(13, new(*[]byte), false); behind != lagFar {
 		t.Fatal("7 entries behind in a ring of 8 must be lagging")
 	}
-	if _, _, _, _, behind := s.collect(14, nil, false); behind != lagNone {
+	if _, _, _, _, behind := s.collect(14, new(*[]byte), false); behind != lagNone {
 		t.Fatal("6 entries behind in a ring of 8 is within 3/4")
 	}
 	// by bytes: 3/4 of 100 bytes
@@ -65,10 +65,10 @@ func TestCollectDropsLaggingClients(t *testing.T) {
 	for range 10 {
 		pub(b, "", false, strings.Repeat("x", 10))
 	}
-	if _, _, _, _, behind := b.collect(2, nil, false); behind != lagFar {
+	if _, _, _, _, behind := b.collect(2, new(*[]byte), false); behind != lagFar {
 		t.Fatal("80 bytes behind of 100 must be lagging")
 	}
-	if _, _, _, _, behind := b.collect(3, nil, false); behind != lagNone {
+	if _, _, _, _, behind := b.collect(3, new(*[]byte), false); behind != lagNone {
 		t.Fatal("70 bytes behind of 100 is within 3/4")
 	}
 }
@@ -86,7 +86,7 @@ func TestHistoryBounds(t *testing.T) {
 	if s.count != 1 || len(s.ring) != 1 {
 		t.Fatalf("resize to 1: count=%d len=%d", s.count, len(s.ring))
 	}
-	if out, _, _, _, _ := s.collect(5, nil, false); string(out) != "0123456789" {
+	if out, _, _, _, _ := s.collect(5, new(*[]byte), false); string(out) != "0123456789" {
 		t.Fatalf("newest entry lost in resize: %q", out)
 	}
 	s.resize(hubSettings{history: 10, historyBytes: 1000})
@@ -169,11 +169,11 @@ func TestResizeSameSettingsKeepsHistory(t *testing.T) {
 func TestOneEntryBehindIsNeverLagging(t *testing.T) {
 	s := testStream(1, 100)
 	pub(s, "1", true, strings.Repeat("x", 90))
-	if _, _, _, _, behind := s.collect(0, nil, false); behind != lagNone {
+	if _, _, _, _, behind := s.collect(0, new(*[]byte), false); behind != lagNone {
 		t.Fatal("with history 1, a client one event behind was dropped")
 	}
 	pub(s, "2", true, "y")
-	if _, _, _, _, behind := s.collect(0, nil, false); behind != lagEvicted {
+	if _, _, _, _, behind := s.collect(0, new(*[]byte), false); behind != lagEvicted {
 		t.Fatal("a client whose entry was evicted must be lagging")
 	}
 }

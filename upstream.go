@@ -189,8 +189,11 @@ type outcome struct {
 // Last-Event-ID after any end that is not permanent, until the stream is
 // closed.
 func (s *stream) run() {
-	defer close(s.done)
-	defer s.hub.remove(s)
+	defer func() {
+		s.hub.remove(s)
+		close(s.done)
+		s.signal() // clients see done
+	}()
 	_, _, set := s.hub.transport()
 	p := newParser(int(set.maxEventSize))
 	if s.initialID != "" {
