@@ -36,6 +36,7 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 		header_up -X-Remove
 		upstream_idle_timeout 1m
 		drain 2s
+		client_send_buffer 64KiB
 		transport http {
 			dial_timeout 2s
 		}
@@ -66,6 +67,7 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 		{"header_up delete", strings.Join(h.HeaderUp.Delete, ","), "X-Remove"},
 		{"upstream_idle_timeout", h.UpstreamIdleTimeout, caddy.Duration(time.Minute)},
 		{"drain", h.Drain, caddy.Duration(2 * time.Second)},
+		{"client_send_buffer", h.ClientSendBuffer, int64(64 << 10)},
 	}
 	for _, c := range checks {
 		if c.got != c.want {
@@ -102,6 +104,7 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		{"header_up without value", "sse_fanout http://a {\n header_up X-A\n}", "missing value"},
 		{"vary without names", "sse_fanout http://a {\n vary\n}", "vary: needs at least one"},
 		{"transport other", "sse_fanout http://a {\n transport fastcgi\n}", "only 'http' is supported"},
+		{"bad send buffer", "sse_fanout http://a {\n client_send_buffer lots\n}", "client_send_buffer"},
 		{"proxy protocol", "sse_fanout http://a {\n transport http {\n proxy_protocol v2\n }\n}", "proxy_protocol is not supported"},
 	}
 	for _, tc := range cases {

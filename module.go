@@ -92,8 +92,9 @@ type Handler struct {
 	Linger caddy.Duration `json:"linger,omitempty"`
 
 	// How long one write to a client may stay blocked before the client is
-	// disconnected (it resumes by Last-Event-ID when it reconnects).
-	// Default: 30s. The server's `write_idle_timeout` (1m by default) still
+	// disconnected (it resumes by Last-Event-ID when it reconnects). The
+	// deadline is moved every quarter of it, so a blocked write is cut
+	// after 3/4 to all of it. Default: 30s. The server's `write_idle_timeout` (1m by default) still
 	// applies and caps it.
 	WriteTimeout caddy.Duration `json:"write_timeout,omitempty"`
 
