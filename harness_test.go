@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -13,6 +14,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -121,26 +123,11 @@ type originConn struct {
 	req  *http.Request
 }
 
-// newOrigin starts an origin. Every request is recorded in o.requests
-// (buffered; the oldest are dropped when nobody reads them).
+// newOrigin starts an origin on a free port. Every request is recorded in
+// o.requests (buffered; the newest are dropped when nobody reads them).
 func newOrigin(t testing.TB) *origin {
 	t.Helper()
-	o := &origin{t: t, subs: map[string]map[*originConn]bool{}, requests: make(chan *http.Request, 1024)}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	o.ln = ln
-	o.URL = "http://" + ln.Addr().String()
-	o.srv = &http.Server{Handler: http.HandlerFunc(o.serve)}
-	go func() { _ = o.srv.Serve(ln) }()
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		o.dropAll()
-		_ = o.srv.Shutdown(ctx)
-	})
-	return o
+	return newOriginOn(t, 0)
 }
 
 func (o *origin) serve(w http.ResponseWriter, r *http.Request) {
@@ -297,6 +284,12 @@ var sharedTransport = newClientTransport()
 func connect(t testing.TB, url string, hdr http.Header) *sseClient {
 	t.Helper()
 	c, err := tryConnect(sharedTransport, url, hdr)
+	// a connection reset while Caddy swaps configs under its listener is
+	// retried, as an EventSource would
+	for i := 0; err != nil && i < 5 && errors.Is(err, syscall.ECONNRESET); i++ {
+		time.Sleep(100 * time.Millisecond)
+		c, err = tryConnect(sharedTransport, url, hdr)
+	}
 	if err != nil {
 		t.Fatalf("connecting to %s: %v", url, err)
 	}
@@ -471,8 +464,8 @@ func rawLines(r *bufio.Reader) (string, error) {
 	}
 }
 
-// newOriginOn starts an origin on a given loopback port (for an origin
-// that comes up after the proxy started trying it).
+// newOriginOn starts an origin on a given loopback port (for an origin that
+// comes up after the proxy started trying it), or on a free one for 0.
 func newOriginOn(t testing.TB, port int) *origin {
 	t.Helper()
 	o := &origin{t: t, subs: map[string]map[*originConn]bool{}, requests: make(chan *http.Request, 1024)}

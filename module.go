@@ -261,35 +261,23 @@ func (h Handler) withDefaults() Handler {
 
 // setDefaults fills in every option left at its zero value.
 func (h *Handler) setDefaults() {
-	if h.History == 0 {
-		h.History = defaultHistory
-	}
-	if h.HistoryBytes == 0 {
-		h.HistoryBytes = defaultHistoryBytes
-	}
-	if h.Keepalive == 0 {
-		h.Keepalive = caddy.Duration(defaultKeepalive)
-	}
-	if h.Linger == 0 {
-		h.Linger = caddy.Duration(defaultLinger)
-	}
-	if h.WriteTimeout == 0 {
-		h.WriteTimeout = caddy.Duration(defaultWriteTimeout)
-	}
-	if h.StatusWait == 0 {
-		h.StatusWait = caddy.Duration(defaultStatusWait)
-	}
-	if h.MaxEventSize == 0 {
-		h.MaxEventSize = defaultMaxEventSize
-	}
-	if h.MaxStreams == 0 {
-		h.MaxStreams = defaultMaxStreams
-	}
-	if h.Drain == 0 {
-		h.Drain = caddy.Duration(defaultDrain)
-	}
-	if h.ClientSendBuffer == 0 {
-		h.ClientSendBuffer = defaultSendBuffer
+	setDefault(&h.History, defaultHistory)
+	setDefault(&h.HistoryBytes, defaultHistoryBytes)
+	setDefault(&h.Keepalive, caddy.Duration(defaultKeepalive))
+	setDefault(&h.Linger, caddy.Duration(defaultLinger))
+	setDefault(&h.WriteTimeout, caddy.Duration(defaultWriteTimeout))
+	setDefault(&h.StatusWait, caddy.Duration(defaultStatusWait))
+	setDefault(&h.MaxEventSize, defaultMaxEventSize)
+	setDefault(&h.MaxStreams, defaultMaxStreams)
+	setDefault(&h.Drain, caddy.Duration(defaultDrain))
+	setDefault(&h.ClientSendBuffer, defaultSendBuffer)
+}
+
+// setDefault sets *v to def when it is zero, which means "not set".
+func setDefault[T comparable](v *T, def T) {
+	var zero T
+	if *v == zero {
+		*v = def
 	}
 }
 
