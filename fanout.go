@@ -397,8 +397,10 @@ func (c *client) start(lastID string, hasLastID bool, arrived uint64) ([]byte, *
 	found := false
 	if hasLastID {
 		c.cursor, found = s.find(lastID)
-		metrics.resumes.WithLabelValues(map[bool]string{true: "history", false: "live"}[found]).Inc()
-		if !found {
+		if found {
+			metrics.resumes.WithLabelValues("history").Inc()
+		} else {
+			metrics.resumes.WithLabelValues("live").Inc()
 			if ce := h.logger.Check(zapcore.DebugLevel, "Last-Event-ID not in history, client starts live"); ce != nil {
 				ce.Write(zap.String("stream", s.name), zap.Int("id_length", len(lastID)))
 			}
