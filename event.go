@@ -148,6 +148,19 @@ func (p *parser) reset() {
 	p.resetBlock()
 }
 
+// setMaxEventSize changes the bound, between responses (after reset).
+// Buffers grown past a lower bound are let go, so the bound on retained
+// memory holds.
+func (p *parser) setMaxEventSize(n int) {
+	if n <= 0 {
+		n = parserDefaultMaxEventSize
+	}
+	p.max = n
+	if p.retained() > n {
+		p.data, p.typ, p.idBuf = nil, nil, nil
+	}
+}
+
 // setLastEventID sets the committed id, for a stream resumed with a client's
 // Last-Event-ID. An id no stream could have sent (with NUL, CR or LF) is
 // ignored; invalid UTF-8 is replaced as the parser would.

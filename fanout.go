@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -348,7 +349,7 @@ func (h *Handler) serveClient(w http.ResponseWriter, r *http.Request, s *stream,
 	}
 	hdr := w.Header()
 	for name, vals := range s.responseHeader() {
-		hdr[name] = vals
+		hdr[name] = slices.Clone(vals) // later handlers may edit them in place
 	}
 	setStreamHeaders(hdr)
 	w.WriteHeader(http.StatusOK)
@@ -417,7 +418,8 @@ func (c *client) start(lastID string, hasLastID bool, arrived uint64) ([]byte, *
 	if retry := h.retryMillis(s.retry); retry > 0 && (h.Retry > 0 || s.retryNext <= c.cursor) {
 		pre = appendRetry(pre, retry)
 	}
-	if c.cursor == s.head && s.hasID {
+	// a client resumed at the head already has the committed id
+	if !found && c.cursor == s.head && s.hasID {
 		pre = appendIDBlock(pre, s.lastID)
 	}
 	return pre, nil
@@ -489,6 +491,22 @@ func (c *client) loop(ctx context.Context) {
 			return
 		}
 		caughtUp = caughtUp || behind == lagNone
+		// checked on every pass, as a busy client may never be idle
+		switch {
+		case closed(s.hub.exit):
+			return
+		case drain != nil && closedTimer(drain):
+			return
+		case stopping != nil && closed(stopping):
+			stopping = nil
+			d := h.drainDelay()
+			if d == 0 {
+				return
+			}
+			t := time.NewTimer(d)
+			defer t.Stop()
+			drain = t.C
+		}
 		if len(out) > 0 {
 			err := c.write(out)
 			if coalesced {
@@ -508,20 +526,14 @@ func (c *client) loop(ctx context.Context) {
 			continue
 		}
 		c.cursor = next
-		switch {
-		case closed(s.done): // the upstream ended for good, all was sent
+		if closed(s.done) { // the upstream ended for good, all was sent
 			return
-		case closed(s.hub.exit):
-			return
-		case stopping != nil && closed(stopping):
-			stopping = nil
-			d := h.drainDelay()
-			if d == 0 {
-				return
-			}
-			t := time.NewTimer(d)
-			defer t.Stop()
-			drain = t.C
+		}
+		// HTTP/2 resets a stream whose write deadline passes even with no
+		// write under way: clear it unless a keepalive comes first
+		if !c.deadline.IsZero() && (keepalive <= 0 || keepalive >= time.Until(c.deadline)) {
+			_ = c.rc.SetWriteDeadline(time.Time{})
+			c.deadline = time.Time{}
 		}
 		select {
 		case <-wake:
@@ -535,6 +547,16 @@ func (c *client) loop(ctx context.Context) {
 		case <-done:
 			return
 		}
+	}
+}
+
+// closedTimer reports whether a timer channel has fired, consuming it.
+func closedTimer(ch <-chan time.Time) bool {
+	select {
+	case <-ch:
+		return true
+	default:
+		return false
 	}
 }
 
@@ -588,7 +610,7 @@ func (c *client) debug(msg string) {
 func writeFinal(w http.ResponseWriter, f *finalAnswer) {
 	hdr := w.Header()
 	for name, vals := range f.header {
-		hdr[name] = vals
+		hdr[name] = slices.Clone(vals)
 	}
 	if f.status != http.StatusNoContent {
 		hdr.Set("Content-Length", strconv.Itoa(len(f.body)))

@@ -548,3 +548,38 @@ func TestUpstreamRequestAndMethods(t *testing.T) {
 	o.send("/new?x=1", ev(1, "moved"))
 	c.waitFor(t, ev(1, "moved"), 5*time.Second)
 }
+
+// TestHostileRequestsAndRedirects: an id no header can carry never reaches
+// the upstream request (it would fail every attempt), and a redirect off
+// the upstream's host is refused with a 502.
+func TestHostileRequestsAndRedirects(t *testing.T) {
+	leakCheck(t)
+	o := newOrigin(t)
+	def := o.stream
+	o.setHandler(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/away" {
+			http.Redirect(w, r, "http://127.0.0.2:1/elsewhere", http.StatusFound)
+			return
+		}
+		def(w, r)
+	})
+	base := startCaddy(t, "sse_fanout "+o.URL+" {\n linger 100ms\n}")
+
+	c := connect(t, base+"/ctl?lastEventId=%01", nil)
+	o.waitOpen(t, "/ctl", 1, 5*time.Second)
+	if got := lastRequest(t, o, "/ctl").Header.Get("Last-Event-Id"); got != "" {
+		t.Fatalf("control-character id sent upstream: %q", got)
+	}
+	o.send("/ctl", ev(1, "ok"))
+	c.waitFor(t, ev(1, "ok"), 5*time.Second)
+
+	resp, err := sharedTransport.RoundTrip(mustRequest(t, base+"/away"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusBadGateway || !strings.Contains(string(body), "another host") {
+		t.Fatalf("redirect to another host: %d %q", resp.StatusCode, body)
+	}
+}

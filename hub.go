@@ -110,11 +110,13 @@ func (h *hub) propose(ctx caddy.Context, hd *Handler) error {
 }
 
 // activate puts a handler's settings, transport and logger in force for
-// the hub and its existing streams.
+// the hub and its existing streams, unless a newer config's handler is in
+// force already (an old config may still serve a request while it drains).
 func (h *hub) activate(hd *Handler) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if slices.Contains(h.handlers, hd) {
+	i := slices.Index(h.handlers, hd)
+	if i >= 0 && i >= slices.Index(h.handlers, h.active) {
 		h.activateLocked(hd)
 	}
 }
@@ -195,13 +197,17 @@ func (h *hub) detach(s *stream) {
 		h.closeLocked(s)
 		return
 	}
-	s.lingerTimer = time.AfterFunc(linger, func() {
+	var t *time.Timer
+	t = time.AfterFunc(linger, func() {
 		h.mu.Lock()
 		defer h.mu.Unlock()
-		if s.clients == 0 && h.streams[s.key] == s {
+		// a timer stopped too late (a client came and went meanwhile)
+		// is no longer the stream's
+		if s.lingerTimer == t && s.clients == 0 && h.streams[s.key] == s {
 			h.closeLocked(s)
 		}
 	})
+	s.lingerTimer = t
 }
 
 // remove takes a stream that ended by itself out of the map.

@@ -16,6 +16,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -27,6 +28,7 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/headers"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 	"go.uber.org/zap"
+	"golang.org/x/net/http/httpguts"
 )
 
 func init() {
@@ -165,12 +167,14 @@ type Handler struct {
 	Drain caddy.Duration `json:"drain,omitempty"`
 
 	transport *reverseproxy.HTTPTransport
-	server    *caddyhttp.Server
-	hub       *hub
-	hubKey    string
-	hubRef    bool
-	settings  hubSettings
-	logger    *zap.Logger
+	// transportJSON is the transport's config, part of the hub identity.
+	transportJSON json.RawMessage
+	server        *caddyhttp.Server
+	hub           *hub
+	hubKey        string
+	hubRef        bool
+	settings      hubSettings
+	logger        *zap.Logger
 	// configDone identifies the config this handler belongs to.
 	configDone <-chan struct{}
 	// stopping is closed when this config's server begins to shut down.
@@ -363,6 +367,8 @@ func (h *Handler) provisionTransport(ctx caddy.Context) error {
 		}
 		h.TransportRaw = raw
 	}
+	// LoadModule clears the raw field once loaded; the identity needs it
+	h.transportJSON = slices.Clone(h.TransportRaw)
 	mod, err := ctx.LoadModule(h, "TransportRaw")
 	if err != nil {
 		return err
@@ -383,7 +389,7 @@ func (h *Handler) identity() (string, error) {
 		Vary      []string           `json:"v"`
 		HeaderUp  *headers.HeaderOps `json:"h"`
 		Transport json.RawMessage    `json:"t"`
-	}{h.Upstream, h.Vary, h.HeaderUp, h.TransportRaw})
+	}{h.Upstream, h.Vary, h.HeaderUp, h.transportJSON})
 	if err != nil {
 		return "", fmt.Errorf("computing handler identity: %v", err)
 	}
@@ -442,16 +448,14 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
 		return next.ServeHTTP(w, r)
 	}
-	if !h.state.activated.Load() {
-		h.activate()
-	}
-	select {
-	case <-h.stopping:
+	if closed(h.stopping) {
 		// this config is going away: end at once, EventSource retries
 		// and reaches the new one
 		writeRefusal(w, r, 0)
 		return nil
-	default:
+	}
+	if !h.state.activated.Load() {
+		h.activate()
 	}
 
 	repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
@@ -492,7 +496,8 @@ func (h *Handler) activate() {
 
 // lastEventID returns the client's Last-Event-ID: the header, or the
 // lastEventId query parameter when the header is absent (for polyfills that
-// cannot set headers). One longer than 1KiB is treated as absent.
+// cannot set headers). One longer than 1KiB, or that is no valid header
+// value, is treated as absent.
 func lastEventID(r *http.Request) (string, bool) {
 	vals, ok := r.Header["Last-Event-Id"]
 	var id string
@@ -501,7 +506,9 @@ func lastEventID(r *http.Request) (string, bool) {
 	} else if q := r.URL.Query(); q.Has("lastEventId") {
 		ok, id = true, q.Get("lastEventId")
 	}
-	if !ok || len(id) > maxLastEventIDLen {
+	// an id that cannot be sent as a header (control characters) could
+	// never resume anything, and would make every upstream request fail
+	if !ok || len(id) > maxLastEventIDLen || !httpguts.ValidHeaderFieldValue(id) {
 		return "", false
 	}
 	return id, true

@@ -275,3 +275,28 @@ func TestManyReloads(t *testing.T) {
 	o.send("/x", ev(1, "x"))
 	eventually(t, 10*time.Second, func() bool { got, _ := clients[0].snapshot(); return len(got) == 1 }, func() string { return "client of /x got nothing after 20 reloads" })
 }
+
+// TestTransportIsPartOfIdentity: handlers that differ only in their
+// transport (say, TLS client certificates) never share streams.
+func TestTransportIsPartOfIdentity(t *testing.T) {
+	leakCheck(t)
+	o := newOrigin(t)
+	startCaddy(t, fmt.Sprintf(`handle /a/* {
+		sse_fanout %[1]s
+	}
+	handle /b/* {
+		sse_fanout %[1]s {
+			transport http {
+				dial_timeout 2s
+			}
+		}
+	}
+	handle /c/* {
+		sse_fanout %[1]s
+	}`, o.URL))
+	n := 0
+	hubs.Range(func(_, _ any) bool { n++; return true })
+	if n != 2 {
+		t.Fatalf("%d hubs for two distinct transports, want 2", n)
+	}
+}

@@ -15,6 +15,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
+	"golang.org/x/net/http/httpguts"
 )
 
 // Reconnect timing. A response that delivered an event is followed after
@@ -177,6 +178,10 @@ func requestPlaceholder(s string) string {
 	return firstPlaceholder(s, "env.", "file.", "system.")
 }
 
+// errOtherHost refuses a redirect off the upstream's scheme and host: the
+// request carries header_up values and vary headers meant for the origin.
+var errOtherHost = errors.New("upstream redirected to another host")
+
 // outcome is how one upstream attempt ended.
 type outcome struct {
 	delivered  bool          // at least one event or id block was published
@@ -265,7 +270,9 @@ func (s *stream) attempt(p *parser) outcome {
 	req.Header = s.header.Clone()
 	req.Header.Set("Accept", "text/event-stream")
 	req.Header.Set("Cache-Control", "no-cache")
-	if id := p.lastEventID(); id != "" {
+	// an origin may commit an id no header can carry (control characters):
+	// resume without it rather than fail every attempt
+	if id := p.lastEventID(); id != "" && httpguts.ValidHeaderFieldValue(id) {
 		req.Header.Set("Last-Event-ID", id)
 	}
 	if ops := s.hub.headerUp; ops != nil {
@@ -275,13 +282,22 @@ func (s *stream) attempt(p *parser) outcome {
 			req.Header.Del("Host")
 		}
 	}
-	hc := &http.Client{Transport: rt, CheckRedirect: func(_ *http.Request, via []*http.Request) error {
+	hc := &http.Client{Transport: rt, CheckRedirect: func(next *http.Request, via []*http.Request) error {
 		if len(via) >= maxRedirects {
 			return fmt.Errorf("stopped after %d redirects", maxRedirects)
+		}
+		// header_up secrets and vary headers go with a redirect: follow
+		// it only on the configured scheme and host
+		if next.URL.Scheme != via[0].URL.Scheme || next.URL.Host != via[0].URL.Host {
+			return fmt.Errorf("%w: %s", errOtherHost, next.URL.Redacted())
 		}
 		return nil
 	}}
 	resp, err := hc.Do(req)
+	if errors.Is(err, errOtherHost) {
+		metrics.attempts.WithLabelValues("permanent").Inc()
+		return outcome{final: &finalAnswer{status: http.StatusBadGateway, header: http.Header{"Content-Type": {"text/plain; charset=utf-8"}}, body: []byte("upstream redirected to another host\n")}}
+	}
 	if err != nil {
 		metrics.attempts.WithLabelValues("transient").Inc()
 		return outcome{err: err}
@@ -336,6 +352,7 @@ func classify(resp *http.Response) outcome {
 func (s *stream) read(ctx context.Context, cancel context.CancelFunc, body io.Reader, p *parser, set hubSettings) outcome {
 	var o outcome
 	p.reset()
+	p.setMaxEventSize(int(set.maxEventSize)) // the settings in force now
 	emit := func(r *record) {
 		switch r.kind {
 		case recEvent:
