@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
 	"golang.org/x/crypto/bcrypt"
 )
 
@@ -582,4 +583,55 @@ func TestHostileRequestsAndRedirects(t *testing.T) {
 	if resp.StatusCode != http.StatusBadGateway || !strings.Contains(string(body), "another host") {
 		t.Fatalf("redirect to another host: %d %q", resp.StatusCode, body)
 	}
+}
+
+// TestHTTP2IdleStreamSurvivesWriteTimeout: HTTP/2 resets a stream whose
+// write deadline passes even when nothing is being written, so an idle
+// client (keepalive off) must outlive write_timeout.
+func TestHTTP2IdleStreamSurvivesWriteTimeout(t *testing.T) {
+	leakCheck(t)
+	o := newOrigin(t)
+	port := freePort(t)
+	loadCaddyfile(t, fmt.Sprintf(`{
+	admin off
+	auto_https off
+	persist_config off
+	grace_period 2s
+	servers {
+		protocols h1 h2c
+	}
+}
+http://127.0.0.1:%d {
+	bind 127.0.0.1
+	sse_fanout %s {
+		write_timeout 1s
+		keepalive off
+		linger 100ms
+	}
+}
+`, port, o.URL))
+	t.Cleanup(func() { _ = caddy.Stop() })
+	base := fmt.Sprintf("http://127.0.0.1:%d", port)
+	waitUp(t, base)
+
+	h2c := &http.Transport{Protocols: new(http.Protocols)}
+	h2c.Protocols.SetUnencryptedHTTP2(true)
+	defer h2c.CloseIdleConnections()
+	c, err := tryConnect(h2c, base+"/h2", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.close)
+	if c.resp.ProtoMajor != 2 {
+		t.Fatalf("client spoke HTTP/%d, want 2", c.resp.ProtoMajor)
+	}
+	o.waitOpen(t, "/h2", 1, 5*time.Second)
+	o.send("/h2", ev(1, "before"))
+	c.waitFor(t, ev(1, "before"), 5*time.Second)
+	time.Sleep(2500 * time.Millisecond) // idle past write_timeout
+	if c.ended() {
+		t.Fatalf("idle HTTP/2 stream was reset after write_timeout: %v", c.err)
+	}
+	o.send("/h2", ev(2, "after"))
+	c.waitFor(t, ev(2, "after"), 5*time.Second)
 }

@@ -99,6 +99,9 @@ http://127.0.0.1:%d {
 				c.waitFor(t, ev(1, "hello"), 10*time.Second)
 			}
 
+			// a busy stream: clients with events pending must see the stop too
+			pub := startPublisher(o, "/live", time.Millisecond)
+			defer pub.halt()
 			start := time.Now()
 			if how == "SIGTERM" {
 				if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
