@@ -335,9 +335,8 @@ type client struct {
 
 // serveClient runs a client's stream until it, its stream, its config or
 // the process ends.
-func (h *Handler) serveClient(w http.ResponseWriter, r *http.Request, s *stream, lastID string, hasLastID bool) error {
+func (h *Handler) serveClient(w http.ResponseWriter, r *http.Request, s *stream, arrived uint64, lastID string, hasLastID bool) error {
 	ctx := r.Context()
-	arrived := s.position()
 	if !h.awaitFirstAnswer(ctx, s) {
 		return nil
 	}

@@ -154,15 +154,19 @@ func (h *hub) transport() (http.RoundTripper, *zap.Logger, hubSettings) {
 }
 
 // attach finds or creates the stream for key and counts a new client on
-// it. It refuses the client, naming the limit, when the stream is full or
-// no new stream may be created.
-func (h *hub) attach(key string, target *url.URL, reqHeader http.Header, lastID string, hasLastID bool, maxClients int) (*stream, string) {
+// it, returning the stream's position when the client arrived (taken
+// before a new stream's upstream can publish anything). It refuses the
+// client, naming the limit, when the stream is full or no new stream may
+// be created.
+func (h *hub) attach(key string, target *url.URL, reqHeader http.Header, lastID string, hasLastID bool, maxClients int) (s *stream, arrived uint64, limit string) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	s := h.streams[key]
-	if s == nil {
+	s = h.streams[key]
+	if s != nil {
+		arrived = s.position()
+	} else {
 		if h.ctx.Err() != nil || (h.settings.maxStreams > 0 && len(h.streams) >= h.settings.maxStreams) {
-			return nil, "max_streams"
+			return nil, 0, "max_streams"
 		}
 		initialID := ""
 		if hasLastID {
@@ -174,12 +178,12 @@ func (h *hub) attach(key string, target *url.URL, reqHeader http.Header, lastID 
 		go s.run()
 	}
 	if maxClients > 0 && s.clients >= maxClients {
-		return nil, "max_clients"
+		return nil, 0, "max_clients"
 	}
 	s.clients++
 	metrics.clients.Inc()
 	s.stopLinger()
-	return s, ""
+	return s, arrived, "" // a new stream's position is 0
 }
 
 // detach uncounts a client. The last client to leave starts the linger

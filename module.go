@@ -471,7 +471,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	key := streamKey(target.String(), h.Vary, r.Header)
 	lastID, hasLastID := lastEventID(r)
 
-	s, limit := h.hub.attach(key, target, r.Header, lastID, hasLastID, h.MaxClients)
+	s, arrived, limit := h.hub.attach(key, target, r.Header, lastID, hasLastID, h.MaxClients)
 	if limit != "" {
 		metrics.refused.WithLabelValues(limit).Inc()
 		writeRefusal(w, r, refusalRetryMinMillis+rand.N(refusalRetrySpread))
@@ -481,7 +481,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if h.ClientSendBuffer > 0 && r.ProtoMajor == 1 {
 		setSendBuffer(r.Context(), int(h.ClientSendBuffer))
 	}
-	return h.serveClient(w, r, s, lastID, hasLastID)
+	return h.serveClient(w, r, s, arrived, lastID, hasLastID)
 }
 
 // activate makes this config's hub settings, transport and logger the
