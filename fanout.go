@@ -341,13 +341,13 @@ func (h *Handler) serveClient(w http.ResponseWriter, r *http.Request, s *stream,
 		return nil
 	}
 	c := &client{h: h, s: s, w: w, rc: http.NewResponseController(w)}
-	prelude, final := c.start(lastID, hasLastID, arrived)
+	prelude, respHeader, final := c.start(lastID, hasLastID, arrived)
 	if final != nil {
 		writeFinal(w, final)
 		return nil
 	}
 	hdr := w.Header()
-	for name, vals := range s.responseHeader() {
+	for name, vals := range respHeader {
 		hdr[name] = slices.Clone(vals) // later handlers may edit them in place
 	}
 	setStreamHeaders(hdr)
@@ -386,13 +386,14 @@ func (h *Handler) awaitFirstAnswer(ctx context.Context, s *stream) bool {
 // start positions the client's cursor and builds what it gets first: the
 // retry in force, then the events it missed (by Last-Event-ID), or the
 // replay, or an id-only block so that it can resume even before its first
-// event.
-func (c *client) start(lastID string, hasLastID bool, arrived uint64) ([]byte, *finalAnswer) {
+// event. It also returns the origin's headers to pass on, or the origin's
+// permanent answer, read under the same lock.
+func (c *client) start(lastID string, hasLastID bool, arrived uint64) (prelude []byte, respHeader http.Header, final *finalAnswer) {
 	s, h := c.s, c.h
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	if s.state == stateFinal {
-		return nil, s.final
+		return nil, nil, s.final
 	}
 	found := false
 	if hasLastID {
@@ -421,7 +422,7 @@ func (c *client) start(lastID string, hasLastID bool, arrived uint64) ([]byte, *
 	if !found && c.cursor == s.head && s.hasID {
 		pre = appendIDBlock(pre, s.lastID)
 	}
-	return pre, nil
+	return pre, s.respHeader, nil
 }
 
 // position returns the sequence number the next entry will have.
@@ -438,13 +439,6 @@ func (h *Handler) retryMillis(origin int64) int64 {
 		return time.Duration(h.Retry).Milliseconds()
 	}
 	return origin
-}
-
-// responseHeader returns the origin's response headers to pass on.
-func (s *stream) responseHeader() http.Header {
-	s.mu.RLock()
-	defer s.mu.RUnlock()
-	return s.respHeader
 }
 
 // loop writes the stream to the client as it grows, with keepalives when

@@ -265,7 +265,7 @@ func (s *stream) attempt(p *parser) outcome {
 
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, s.target.String(), nil)
 	if err != nil {
-		return outcome{final: &finalAnswer{status: http.StatusBadGateway, body: []byte("bad upstream URL\n")}}
+		return outcome{final: badGateway("bad upstream URL\n")}
 	}
 	req.Header = s.header.Clone()
 	req.Header.Set("Accept", "text/event-stream")
@@ -294,20 +294,20 @@ func (s *stream) attempt(p *parser) outcome {
 		return nil
 	}}
 	resp, err := hc.Do(req)
-	if errors.Is(err, errOtherHost) {
-		metrics.attempts.WithLabelValues("permanent").Inc()
-		return outcome{final: &finalAnswer{status: http.StatusBadGateway, header: http.Header{"Content-Type": {"text/plain; charset=utf-8"}}, body: []byte("upstream redirected to another host\n")}}
-	}
 	if err != nil {
-		metrics.attempts.WithLabelValues("transient").Inc()
-		return outcome{err: err}
+		o := outcome{err: err}
+		if errors.Is(err, errOtherHost) {
+			o = outcome{final: badGateway("upstream redirected to another host\n")}
+		}
+		countAttempt(o)
+		return o
 	}
 	defer resp.Body.Close()
 	o := classify(resp)
+	countAttempt(o)
 	if o.err != nil || o.final != nil {
 		return o
 	}
-	metrics.attempts.WithLabelValues("stream").Inc()
 	metrics.upstreamConns.Inc()
 	defer metrics.upstreamConns.Dec()
 	s.setState(stateLive, streamHeaders(resp.Header), nil)
@@ -320,30 +320,40 @@ func (s *stream) attempt(p *parser) outcome {
 // classify sorts an upstream answer: an event stream (the zero outcome), a
 // passing failure worth retrying, or a permanent answer for the clients.
 func classify(resp *http.Response) outcome {
-
 	switch resp.StatusCode {
 	case http.StatusOK:
 	case http.StatusTooManyRequests, http.StatusServiceUnavailable:
-		metrics.attempts.WithLabelValues("transient").Inc()
 		return outcome{err: errors.New(resp.Status), retryAfter: parseRetryAfter(resp.Header.Get("Retry-After"))}
 	case http.StatusBadGateway, http.StatusGatewayTimeout:
-		metrics.attempts.WithLabelValues("transient").Inc()
 		return outcome{err: errors.New(resp.Status)}
 	case http.StatusNoContent:
-		metrics.attempts.WithLabelValues("permanent").Inc()
 		return outcome{final: &finalAnswer{status: http.StatusNoContent, header: http.Header{}}}
 	default:
-		metrics.attempts.WithLabelValues("permanent").Inc()
 		body, _ := io.ReadAll(io.LimitReader(resp.Body, maxFinalBody))
 		return outcome{final: &finalAnswer{status: resp.StatusCode, header: passHeaders(resp.Header), body: body}}
 	}
 	ct := resp.Header.Get("Content-Type")
 	if mediaEssence(ct) != "text/event-stream" {
-		metrics.attempts.WithLabelValues("permanent").Inc()
-		msg := fmt.Sprintf("upstream answered 200 with Content-Type %q, not text/event-stream\n", ct)
-		return outcome{final: &finalAnswer{status: http.StatusBadGateway, header: http.Header{"Content-Type": {"text/plain; charset=utf-8"}}, body: []byte(msg)}}
+		return outcome{final: badGateway(fmt.Sprintf("upstream answered 200 with Content-Type %q, not text/event-stream\n", ct))}
 	}
 	return outcome{}
+}
+
+// badGateway is the proxy's own permanent answer, with a short reason.
+func badGateway(reason string) *finalAnswer {
+	return &finalAnswer{status: http.StatusBadGateway, header: http.Header{"Content-Type": {"text/plain; charset=utf-8"}}, body: []byte(reason)}
+}
+
+// countAttempt counts an upstream request by its outcome.
+func countAttempt(o outcome) {
+	switch {
+	case o.final != nil:
+		metrics.attempts.WithLabelValues("permanent").Inc()
+	case o.err != nil:
+		metrics.attempts.WithLabelValues("transient").Inc()
+	default:
+		metrics.attempts.WithLabelValues("stream").Inc()
+	}
 }
 
 // read feeds the response body to the parser and publishes what it finds.
