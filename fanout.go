@@ -488,7 +488,7 @@ func (c *client) loop(ctx context.Context) {
 		switch {
 		case closed(s.hub.exit):
 			return
-		case drain != nil && closedTimer(drain):
+		case drain != nil && closed(drain):
 			return
 		case stopping != nil && closed(stopping):
 			stopping = nil
@@ -543,19 +543,9 @@ func (c *client) loop(ctx context.Context) {
 	}
 }
 
-// closedTimer reports whether a timer channel has fired, consuming it.
-func closedTimer(ch <-chan time.Time) bool {
-	select {
-	case <-ch:
-		return true
-	default:
-		return false
-	}
-}
-
-// closed reports whether ch is closed, without blocking or locking it
-// when it is open and empty.
-func closed(ch <-chan struct{}) bool {
+// closed reports whether ch is closed (or, for a timer, has fired),
+// without blocking or locking it when it is open and empty.
+func closed[T any](ch <-chan T) bool {
 	select {
 	case <-ch:
 		return true
