@@ -44,7 +44,6 @@ type hubStatus struct {
 // streamStatus is one stream in the admin view.
 type streamStatus struct {
 	Stream         string `json:"stream"`
-	Path           string `json:"path"`
 	State          string `json:"state"`
 	Clients        int    `json:"clients"`
 	HistoryEvents  int    `json:"history_entries"`
@@ -73,7 +72,7 @@ func (adminStreams) serve(w http.ResponseWriter, r *http.Request) error {
 // status describes the hub and its streams.
 func (h *hub) status() hubStatus {
 	h.mu.Lock()
-	hs := hubStatus{Upstream: h.tmpl.scheme + "://" + h.tmpl.host + h.tmpl.path, Vary: h.vary, Streams: []streamStatus{}}
+	hs := hubStatus{Upstream: h.tmpl.raw, Vary: h.vary, Streams: []streamStatus{}}
 	streams := make([]*stream, 0, len(h.streams))
 	clients := make([]int, 0, len(h.streams))
 	for _, s := range h.streams {
@@ -85,18 +84,17 @@ func (h *hub) status() hubStatus {
 		s.mu.RLock()
 		hs.Streams = append(hs.Streams, streamStatus{
 			Stream:         s.name,
-			Path:           s.target.Path,
 			State:          stateNames[s.state],
 			Clients:        clients[i],
-			HistoryEvents:  s.count,
-			HistoryBytes:   s.bytes,
-			Published:      s.head,
+			HistoryEvents:  s.hist.count,
+			HistoryBytes:   s.hist.bytes,
+			Published:      s.hist.head,
 			RetryMillis:    s.retry,
 			LastEventIDLen: len(s.lastID),
 		})
 		s.mu.RUnlock()
 	}
-	slices.SortFunc(hs.Streams, func(a, b streamStatus) int { return strings.Compare(a.Path+a.Stream, b.Path+b.Stream) })
+	slices.SortFunc(hs.Streams, func(a, b streamStatus) int { return strings.Compare(a.Stream, b.Stream) })
 	return hs
 }
 

@@ -169,7 +169,7 @@ func benchmarkDeliver(b *testing.B, clients int) {
 		go func() {
 			defer reqCancel()
 			defer running.Done()
-			_ = h.serveClient(w, req, s, s.position(), "", false)
+			_ = h.serveClient(w, req, s, s.position(), lastID{})
 			if ctx.Err() == nil {
 				d.failed <- fmt.Sprintf("a client loop ended early after %d bytes", w.n)
 				if !w.flushed {

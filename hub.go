@@ -2,11 +2,9 @@ package ssefanout
 
 import (
 	"context"
-	"hash/fnv"
 	"net/http"
 	"net/url"
 	"slices"
-	"strconv"
 	"sync"
 	"time"
 
@@ -157,22 +155,33 @@ func (h *hub) transport() (http.RoundTripper, *zap.Logger, hubSettings) {
 // it, returning the stream's position when the client arrived (taken
 // before a new stream's upstream can publish anything). It refuses the
 // client, naming the limit, when the stream is full or no new stream may
-// be created.
-func (h *hub) attach(key string, target *url.URL, reqHeader http.Header, lastID string, hasLastID bool, maxClients int) (s *stream, arrived uint64, limit string) {
+// be created: at max_streams a stream that has no clients (it lingers)
+// is closed to make room, so that only streams with clients keep a new
+// one out.
+func (h *hub) attach(key string, target *url.URL, reqHeader http.Header, last lastID, maxClients int) (s *stream, arrived uint64, limit string) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	s = h.streams[key]
 	if s != nil {
 		arrived = s.position()
 	} else {
-		if h.ctx.Err() != nil || (h.settings.maxStreams > 0 && len(h.streams) >= h.settings.maxStreams) {
+		if h.ctx.Err() != nil {
+			return nil, 0, "max_streams"
+		}
+		evicted, ok := h.roomLocked()
+		if !ok {
 			return nil, 0, "max_streams"
 		}
 		initialID := ""
-		if hasLastID {
-			initialID = lastID
+		if last.set {
+			initialID = last.id
 		}
 		s = newStream(h, key, target, h.forwardHeader(reqHeader), initialID, h.settings)
+		if evicted != nil {
+			// connect once the closed stream's upstream is gone, so
+			// that the origin never sees more than max_streams
+			s.after = evicted.done
+		}
 		h.streams[key] = s
 		metrics.streams.Inc()
 		go s.run()
@@ -184,6 +193,24 @@ func (h *hub) attach(key string, target *url.URL, reqHeader http.Header, lastID 
 	metrics.clients.Inc()
 	s.stopLinger()
 	return s, arrived, "" // a new stream's position is 0
+}
+
+// roomLocked reports whether one more stream may open, closing the stream
+// that has lingered longest when max_streams is reached, and returning it.
+func (h *hub) roomLocked() (evicted *stream, ok bool) {
+	if h.settings.maxStreams <= 0 || len(h.streams) < h.settings.maxStreams {
+		return nil, true
+	}
+	for _, s := range h.streams {
+		if s.clients == 0 && (evicted == nil || s.lingerSince.Before(evicted.lingerSince)) {
+			evicted = s
+		}
+	}
+	if evicted == nil {
+		return nil, false
+	}
+	h.closeLocked(evicted)
+	return evicted, true
 }
 
 // detach uncounts a client. The last client to leave starts the linger
@@ -201,6 +228,7 @@ func (h *hub) detach(s *stream) {
 		h.closeLocked(s)
 		return
 	}
+	s.lingerSince = time.Now()
 	var t *time.Timer
 	t = time.AfterFunc(linger, func() {
 		h.mu.Lock()
@@ -275,42 +303,4 @@ func exitAllHubs() {
 		v.(*hub).endAll()
 		return true
 	})
-}
-
-// streamKey is the upstream URL plus, for each vary header, its presence
-// and all its values, each length-prefixed so that no two distinct requests
-// produce the same key.
-func streamKey(target string, vary []string, hdr http.Header) string {
-	if len(vary) == 0 {
-		return target
-	}
-	b := make([]byte, 0, len(target)+32)
-	b = appendLP(b, target)
-	for _, name := range vary {
-		vals, ok := hdr[name]
-		if !ok {
-			b = append(b, '-')
-			continue
-		}
-		b = append(b, '+')
-		b = strconv.AppendInt(b, int64(len(vals)), 10)
-		for _, v := range vals {
-			b = appendLP(b, v)
-		}
-	}
-	return string(b)
-}
-
-func appendLP(b []byte, s string) []byte {
-	b = strconv.AppendInt(b, int64(len(s)), 10)
-	b = append(b, ':')
-	return append(b, s...)
-}
-
-// keyHash is a short digest of a stream key for logs, which must never
-// carry the vary values (credentials) themselves.
-func keyHash(key string) string {
-	f := fnv.New64a()
-	_, _ = f.Write([]byte(key))
-	return strconv.FormatUint(f.Sum64(), 16)
 }

@@ -28,7 +28,7 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/headers"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 	"go.uber.org/zap"
-	"golang.org/x/net/http/httpguts"
+	"go.uber.org/zap/zapcore"
 )
 
 func init() {
@@ -459,19 +459,20 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 
 	repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
-	target, err := h.hub.tmpl.build(r, repl)
+	target, expansions, err := h.hub.tmpl.build(r, repl)
 	if err != nil {
-		return caddyhttp.Error(http.StatusBadRequest, err)
+		h.refuseBadRequest(w, err)
+		return nil
 	}
 	if r.Method == http.MethodHead {
 		setStreamHeaders(w.Header())
 		w.WriteHeader(http.StatusOK)
 		return nil
 	}
-	key := streamKey(target.String(), h.Vary, r.Header)
-	lastID, hasLastID := lastEventID(r)
+	key := streamKey(target.String(), expansions, h.Vary, r.Header)
+	last := clientLastID(r)
 
-	s, arrived, limit := h.hub.attach(key, target, r.Header, lastID, hasLastID, h.MaxClients)
+	s, arrived, limit := h.hub.attach(key, target, r.Header, last, h.MaxClients)
 	if limit != "" {
 		metrics.refused.WithLabelValues(limit).Inc()
 		writeRefusal(w, r, refusalRetryMinMillis+rand.N(refusalRetrySpread))
@@ -481,7 +482,22 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if h.ClientSendBuffer > 0 && r.ProtoMajor == 1 {
 		setSendBuffer(r.Context(), int(h.ClientSendBuffer))
 	}
-	return h.serveClient(w, r, s, arrived, lastID, hasLastID)
+	return h.serveClient(w, r, s, arrived, last)
+}
+
+// refuseBadRequest answers a request that maps to no valid upstream URL
+// with a 400 and one line saying why, and logs the detail at debug level
+// (never the path or values themselves, which may be a tenant's).
+func (h *Handler) refuseBadRequest(w http.ResponseWriter, err error) {
+	public := "bad request"
+	var br *badRequest
+	if errors.As(err, &br) {
+		public = br.public
+	}
+	if ce := h.logger.Check(zapcore.DebugLevel, "request refused: it maps to no valid upstream URL"); ce != nil {
+		ce.Write(zap.Error(err))
+	}
+	http.Error(w, public, http.StatusBadRequest)
 }
 
 // activate makes this config's hub settings, transport and logger the
@@ -492,26 +508,6 @@ func (h *Handler) activate() {
 		return
 	}
 	h.hub.activate(h)
-}
-
-// lastEventID returns the client's Last-Event-ID: the header, or the
-// lastEventId query parameter when the header is absent (for polyfills that
-// cannot set headers). One longer than 1KiB, or that is no valid header
-// value, is treated as absent.
-func lastEventID(r *http.Request) (string, bool) {
-	vals, ok := r.Header["Last-Event-Id"]
-	var id string
-	if ok && len(vals) > 0 {
-		id = vals[0]
-	} else if q := r.URL.Query(); q.Has("lastEventId") {
-		ok, id = true, q.Get("lastEventId")
-	}
-	// an id that cannot be sent as a header (control characters) could
-	// never resume anything, and would make every upstream request fail
-	if !ok || len(id) > maxLastEventIDLen || !httpguts.ValidHeaderFieldValue(id) {
-		return "", false
-	}
-	return id, true
 }
 
 // setStreamHeaders sets the headers of every event-stream response.

@@ -2,6 +2,7 @@ package ssefanout
 
 import (
 	"fmt"
+	"net/http"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -200,10 +201,10 @@ func TestFailedReloadChangesNothing(t *testing.T) {
 		t.Fatal("a config with an unsupported HTTP version loaded")
 	}
 	s.mu.RLock()
-	ringLen := len(s.ring)
+	ringLen := s.hist.limit
 	s.mu.RUnlock()
 	if ringLen != 100 {
-		t.Fatalf("failed config changed the stream's history to %d", ringLen)
+		t.Fatalf("failed config changed the stream's history limit to %d", ringLen)
 	}
 	if got := s.hub.settings.history; got != 100 {
 		t.Fatalf("failed config changed the hub's history setting to %d", got)
@@ -219,7 +220,7 @@ func TestFailedReloadChangesNothing(t *testing.T) {
 	eventually(t, 5*time.Second, func() bool {
 		s.mu.RLock()
 		defer s.mu.RUnlock()
-		return len(s.ring) == 50
+		return s.hist.limit == 50
 	}, func() string { return "new history setting not applied to the surviving stream" })
 }
 
@@ -298,5 +299,89 @@ func TestTransportIsPartOfIdentity(t *testing.T) {
 	hubs.Range(func(_, _ any) bool { n++; return true })
 	if n != 2 {
 		t.Fatalf("%d hubs for two distinct transports, want 2", n)
+	}
+}
+
+// A reload that changes a handler's identity (here header_up, as when an
+// {env.*} key rotates) makes a new hub; the old one's clients still end
+// spread over `drain`, not all in the instant the old hub goes, and each
+// resumes on the new hub by Last-Event-ID.
+func TestIdentityChangeDrains(t *testing.T) {
+	leakCheck(t)
+	o := newOrigin(t)
+	port := freePort(t)
+	rec := recordRequests(t, o)
+	loadCaddyfile(t, reloadConfig(port, o.URL, "header_up X-Key one\nlinger 5s\ndrain 2s"))
+	t.Cleanup(func() { _ = caddy.Stop() })
+	base := fmt.Sprintf("http://127.0.0.1:%d", port)
+	waitUp(t, base)
+
+	const n = 100
+	rt := newClientTransport()
+	defer rt.CloseIdleConnections()
+	var clients []*eventSource
+	for range n {
+		clients = append(clients, newEventSource(t, rt, base+"/i"))
+	}
+	o.waitOpen(t, "/i", 1, 5*time.Second)
+	s := findStream(t, "/i")
+	eventually(t, 10*time.Second, func() bool { return clientCount(s) == n }, func() string {
+		return fmt.Sprintf("%d of %d clients attached", clientCount(s), n)
+	})
+	o.send("/i", ev(1, "before"))
+	for _, c := range clients {
+		eventually(t, 5*time.Second, func() bool { got, _ := c.snapshot(); return len(got) == 1 }, func() string { return "event 1 not received" })
+	}
+
+	reloaded := time.Now()
+	loadCaddyfile(t, reloadConfig(port, o.URL, "header_up X-Key two\nlinger 5s\ndrain 2s"))
+	eventually(t, 8*time.Second, func() bool {
+		for _, c := range clients {
+			c.mu.Lock()
+			ended := len(c.ends) > 0
+			c.mu.Unlock()
+			if !ended {
+				return false
+			}
+		}
+		return true
+	}, func() string { return "not every client's stream ended within 8 s of the reload" })
+	first, last := time.Duration(1<<62), time.Duration(0)
+	for _, c := range clients {
+		c.mu.Lock()
+		d := c.ends[0].Sub(reloaded)
+		c.mu.Unlock()
+		first, last = min(first, d), max(last, d)
+	}
+	t.Logf("the %d streams ended between %v and %v after the reload", n, first.Round(time.Millisecond), last.Round(time.Millisecond))
+	if last-first < time.Second {
+		t.Errorf("clients ended within %v of each other, want them spread over the 2 s drain", (last - first).Round(time.Millisecond))
+	}
+	// the new hub has its own upstream, asked with the clients' id
+	var reqs []*http.Request
+	eventually(t, 5*time.Second, func() bool {
+		reqs = rec.byPath("/i")
+		return len(reqs) == 2
+	}, func() string {
+		return fmt.Sprintf("origin saw %d requests for /i, want the old hub's and the new one's", len(reqs))
+	})
+	if got := reqs[1].Header.Get("X-Key"); got != "two" {
+		t.Errorf("the second upstream request carried X-Key %q, want the new config's", got)
+	}
+	if got := reqs[1].Header.Get("Last-Event-Id"); got != "1" {
+		t.Errorf("the new hub's upstream was asked with Last-Event-ID %q, want 1", got)
+	}
+	eventually(t, 5*time.Second, func() bool { return o.open("/i") == 1 }, func() string {
+		return fmt.Sprintf("origin holds %d streams of /i, want 1", o.open("/i"))
+	})
+	o.send("/i", ev(2, "after"))
+	for i, c := range clients {
+		eventually(t, 5*time.Second, func() bool { got, _ := c.snapshot(); return len(got) == 2 }, func() string {
+			got, _ := c.snapshot()
+			return fmt.Sprintf("client %d: %v", i, got)
+		})
+		if got, _ := c.snapshot(); got[0] != "1|before" || got[1] != "2|after" {
+			t.Fatalf("client %d: %v", i, got)
+		}
 	}
 }

@@ -22,161 +22,21 @@ import (
 // the origin's retry (3s when it sent none, as browsers do); failures back
 // off exponentially from failBase to failMax; a retry shorter than
 // minReconnect is raised to it, so that an origin that sends one event and
-// closes is never hammered.
+// closes is never hammered, and one longer than maxOriginRetry is cut to
+// it, so that it stays a valid duration.
 const (
 	defaultOriginRetry = 3 * time.Second
 	failBase           = time.Second
 	failMax            = 30 * time.Second
 	retryAfterMax      = 5 * time.Minute
 	minReconnect       = 100 * time.Millisecond
+	maxOriginRetry     = 24 * time.Hour
 	maxFinalBody       = 64 << 10
-	readBufferSize     = 32 << 10
+	// readBufferSize is what one upstream read takes in: the transport
+	// buffers 4KiB in front of it, and a live stream holds it while it
+	// waits for the origin, so it stays small.
+	readBufferSize = 8 << 10
 )
-
-// upstreamTemplate is the parsed upstream base URL: a fixed scheme and
-// host, and a path and query that may hold request placeholders.
-type upstreamTemplate struct {
-	scheme, host string
-	path, query  string
-	dynamic      bool // path or query hold placeholders
-}
-
-// parseUpstream splits the upstream base URL and checks that its scheme
-// and host are static (or {env.*}), so that no request can choose where
-// the proxy connects.
-func parseUpstream(raw string) (*upstreamTemplate, error) {
-	scheme, rest, ok := strings.Cut(raw, "://")
-	if !ok {
-		return nil, fmt.Errorf("upstream %q: must be an absolute URL like http://127.0.0.1:3000/events", raw)
-	}
-	end := strings.IndexAny(rest, "/?")
-	if end < 0 {
-		end = len(rest)
-	}
-	authority, pathQuery := rest[:end], rest[end:]
-	if p := firstPlaceholder(scheme+authority, "env."); p != "" {
-		return nil, fmt.Errorf("upstream %q: placeholder %s is not allowed in the scheme or host, which must be static (or {env.*}); request placeholders may appear in the path and query", raw, p)
-	}
-	repl := caddy.NewReplacer()
-	base, err := url.Parse(repl.ReplaceAll(scheme, "") + "://" + repl.ReplaceAll(authority, ""))
-	if err != nil {
-		return nil, fmt.Errorf("upstream %q: %v", raw, err)
-	}
-	if base.Scheme != "http" && base.Scheme != "https" {
-		return nil, fmt.Errorf("upstream %q: scheme must be http or https", raw)
-	}
-	if base.Host == "" || base.User != nil {
-		return nil, fmt.Errorf("upstream %q: needs a host and no user info", raw)
-	}
-	t := &upstreamTemplate{scheme: base.Scheme, host: base.Host}
-	t.path, t.query, _ = strings.Cut(pathQuery, "?")
-	t.dynamic = strings.ContainsRune(pathQuery, '{')
-	if !t.dynamic {
-		if _, err := url.PathUnescape(t.path); err != nil {
-			return nil, fmt.Errorf("upstream %q: bad path: %v", raw, err)
-		}
-	}
-	return t, nil
-}
-
-// build returns the upstream URL for a request: the base path followed by
-// the request's escaped path (plain concatenation, never reference
-// resolution), and the base query followed by the request's query minus
-// lastEventId. A path that decodes to dot-segments or holds a backslash is
-// refused, so the request stays under the base path on any origin.
-func (t *upstreamTemplate) build(r *http.Request, repl *caddy.Replacer) (*url.URL, error) {
-	basePath, baseQuery := t.path, t.query
-	if t.dynamic && repl != nil {
-		basePath = repl.ReplaceAll(basePath, "")
-		baseQuery = repl.ReplaceAll(baseQuery, "")
-	}
-	reqPath := r.URL.EscapedPath()
-	if reqPath != "" && reqPath[0] != '/' {
-		// e.g. the asterisk form "GET *": it would extend the base
-		// path's last segment instead of going below it
-		return nil, errors.New("request path must start with a slash")
-	}
-	if strings.HasSuffix(basePath, "/") && strings.HasPrefix(reqPath, "/") {
-		basePath = basePath[:len(basePath)-1]
-	}
-	rawPath := basePath + reqPath
-	path, err := url.PathUnescape(rawPath)
-	if err != nil {
-		return nil, fmt.Errorf("bad path escape: %v", err)
-	}
-	if strings.ContainsRune(path, '\\') || hasDotSegment(path) {
-		return nil, errors.New("path has dot-segments or backslashes")
-	}
-	query := baseQuery
-	if q := withoutLastEventID(r.URL.RawQuery); q != "" {
-		if query != "" {
-			query += "&"
-		}
-		query += q
-	}
-	return &url.URL{Scheme: t.scheme, Host: t.host, Path: path, RawPath: rawPath, RawQuery: query}, nil
-}
-
-// hasDotSegment reports whether a decoded path has a "." or ".." segment.
-func hasDotSegment(p string) bool {
-	for seg := range strings.SplitSeq(p, "/") {
-		if seg == "." || seg == ".." {
-			return true
-		}
-	}
-	return false
-}
-
-// withoutLastEventID drops the lastEventId parameter (an EventSource
-// polyfill's resume hint, not part of the stream) and keeps the rest of the
-// query as the client wrote it.
-func withoutLastEventID(raw string) string {
-	if !strings.Contains(raw, "astEventId") && !strings.Contains(raw, "%") {
-		return raw
-	}
-	var b strings.Builder
-	for part := range strings.SplitSeq(raw, "&") {
-		name, _, _ := strings.Cut(part, "=")
-		if n, err := url.QueryUnescape(name); err == nil && n == "lastEventId" {
-			continue
-		}
-		if b.Len() > 0 {
-			b.WriteByte('&')
-		}
-		b.WriteString(part)
-	}
-	return b.String()
-}
-
-// firstPlaceholder returns the first {placeholder} in s whose name does not
-// start with one of the allowed prefixes, or "".
-func firstPlaceholder(s string, allowed ...string) string {
-	for {
-		i := strings.IndexByte(s, '{')
-		if i < 0 {
-			return ""
-		}
-		j := strings.IndexByte(s[i:], '}')
-		if j < 0 {
-			return ""
-		}
-		name := s[i+1 : i+j]
-		ok := false
-		for _, a := range allowed {
-			ok = ok || strings.HasPrefix(name, a)
-		}
-		if !ok && name != "" && !strings.HasPrefix(s[max(i-1, 0):], `\`) {
-			return s[i : i+j+1]
-		}
-		s = s[i+j+1:]
-	}
-}
-
-// requestPlaceholder returns the first placeholder in s that is not one of
-// the non-request ones allowed in header_up, or "".
-func requestPlaceholder(s string) string {
-	return firstPlaceholder(s, "env.", "file.", "system.")
-}
 
 // errOtherHost refuses a redirect off the upstream's scheme and host: the
 // request carries header_up values and vary headers meant for the origin.
@@ -199,27 +59,35 @@ func (s *stream) run() {
 		close(s.done)
 		s.signal() // clients see done
 	}()
+	if s.after != nil {
+		select {
+		case <-s.after:
+		case <-s.ctx.Done():
+			return
+		}
+	}
 	_, _, set := s.hub.transport()
 	p := newParser(int(set.maxEventSize))
-	if s.initialID != "" {
-		p.setLastEventID(s.initialID)
-	}
 	failures := 0
 	for {
 		o := s.attempt(p)
 		if s.ctx.Err() != nil {
 			return
 		}
+		_, logger, _ := s.hub.transport()
 		if o.final != nil {
+			if ce := logger.Check(zapcore.DebugLevel, "upstream gave a final answer, stream ends"); ce != nil {
+				ce.Write(zap.String("stream", s.name), zap.Int("status", o.final.status), zap.String("reason", o.final.reason))
+			}
 			s.setState(stateFinal, nil, o.final)
 			return
 		}
 		var delay time.Duration
 		if o.delivered {
 			failures = 0
-			delay = time.Duration(s.originRetry()) * time.Millisecond
-			if delay == 0 {
-				delay = defaultOriginRetry
+			delay = defaultOriginRetry
+			if ms, ok := s.originRetry(); ok {
+				delay = time.Duration(min(ms, maxOriginRetry.Milliseconds())) * time.Millisecond
 			}
 		} else {
 			failures++
@@ -228,7 +96,6 @@ func (s *stream) run() {
 		}
 		delay = max(jitter(delay), minReconnect)
 		s.setState(stateRetrying, nil, nil)
-		_, logger, _ := s.hub.transport()
 		if ce := logger.Check(zapcore.DebugLevel, "upstream ended, reconnecting"); ce != nil {
 			ce.Write(zap.String("stream", s.name), zap.Duration("delay", delay), zap.Int("failures", failures), zap.Error(o.err))
 		}
@@ -250,10 +117,22 @@ func jitter(d time.Duration) time.Duration {
 	return d - d/10 + rand.N(d/5+1)
 }
 
-func (s *stream) originRetry() int64 {
+// originRetry returns the origin's latest retry in ms, if it sent one.
+func (s *stream) originRetry() (int64, bool) {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
-	return s.retry
+	return s.retry, s.hasRetry
+}
+
+// resumeID is the Last-Event-ID to send upstream: the origin's committed
+// id once it has sent one, else the id of the client that created the
+// stream, so that the origin can fill that client's gap. The client's id
+// only ever goes upstream: it is never an id other clients receive.
+func (s *stream) resumeID(p *parser) string {
+	if p.hasID {
+		return p.lastEventID()
+	}
+	return s.initialID
 }
 
 // attempt makes one upstream request and reads its events until it ends.
@@ -272,7 +151,7 @@ func (s *stream) attempt(p *parser) outcome {
 	req.Header.Set("Cache-Control", "no-cache")
 	// an origin may commit an id no header can carry (control characters):
 	// resume without it rather than fail every attempt
-	if id := p.lastEventID(); id != "" && httpguts.ValidHeaderFieldValue(id) {
+	if id := s.resumeID(p); id != "" && httpguts.ValidHeaderFieldValue(id) {
 		req.Header.Set("Last-Event-ID", id)
 	}
 	if ops := s.hub.headerUp; ops != nil {
@@ -289,13 +168,13 @@ func (s *stream) attempt(p *parser) outcome {
 		// header_up secrets and vary headers go with a redirect: follow
 		// it only on the configured scheme and host
 		if next.URL.Scheme != via[0].URL.Scheme || next.URL.Host != via[0].URL.Host {
-			return fmt.Errorf("%w: %s", errOtherHost, next.URL.Redacted())
+			return errOtherHost
 		}
 		return nil
 	}}
 	resp, err := hc.Do(req)
 	if err != nil {
-		o := outcome{err: err}
+		o := outcome{err: withoutURL(err)}
 		if errors.Is(err, errOtherHost) {
 			o = outcome{final: badGateway("upstream redirected to another host\n")}
 		}
@@ -314,7 +193,21 @@ func (s *stream) attempt(p *parser) outcome {
 	if ce := logger.Check(zapcore.DebugLevel, "upstream connected"); ce != nil {
 		ce.Write(zap.String("stream", s.name))
 	}
-	return s.read(ctx, cancel, resp.Body, p, set)
+	o = s.read(ctx, cancel, resp.Body, p, set)
+	o.err = withoutURL(o.err)
+	return o
+}
+
+// withoutURL strips the request URL that net/http puts in its errors: it
+// can hold a tenant's path, a token in the query, or a redirect's
+// Location. What is left names the cause ("connection refused", "stopped
+// after 10 redirects") and at most the configured host.
+func withoutURL(err error) error {
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		return ue.Err
+	}
+	return err
 }
 
 // classify sorts an upstream answer: an event stream (the zero outcome), a
@@ -322,6 +215,11 @@ func (s *stream) attempt(p *parser) outcome {
 func classify(resp *http.Response) outcome {
 	switch resp.StatusCode {
 	case http.StatusOK:
+	case http.StatusSwitchingProtocols, http.StatusContinue, http.StatusProcessing, http.StatusEarlyHints:
+		// nobody asked to switch protocols, and an informational answer
+		// is no answer: relayed, a 101 would make a proxy in front
+		// tunnel raw bytes
+		return outcome{final: badGateway(fmt.Sprintf("upstream answered %d, not an event stream\n", resp.StatusCode))}
 	case http.StatusTooManyRequests, http.StatusServiceUnavailable:
 		return outcome{err: errors.New(resp.Status), retryAfter: parseRetryAfter(resp.Header.Get("Retry-After"))}
 	case http.StatusBadGateway, http.StatusGatewayTimeout:
@@ -341,7 +239,7 @@ func classify(resp *http.Response) outcome {
 
 // badGateway is the proxy's own permanent answer, with a short reason.
 func badGateway(reason string) *finalAnswer {
-	return &finalAnswer{status: http.StatusBadGateway, header: http.Header{"Content-Type": {"text/plain; charset=utf-8"}}, body: []byte(reason)}
+	return &finalAnswer{status: http.StatusBadGateway, header: http.Header{"Content-Type": {"text/plain; charset=utf-8"}}, body: []byte(reason), reason: strings.TrimSpace(reason)}
 }
 
 // countAttempt counts an upstream request by its outcome.

@@ -7,11 +7,17 @@ import (
 	"testing"
 )
 
-// Unit tests of a stream's history ring, without network or upstream.
+// Unit tests of a stream's history, without network or upstream.
 
 func testStream(history int, historyBytes int64) *stream {
 	h := newHub(&upstreamTemplate{scheme: "http", host: "x"}, nil, nil, nil, hubSettings{history: history, historyBytes: historyBytes}, nil)
 	return newStream(h, "k", &url.URL{Path: "/"}, nil, "", hubSettings{history: history, historyBytes: historyBytes})
+}
+
+// collectAt collects for a client at cursor, as the client loop does.
+func collectAt(s *stream, cursor uint64, buf **[]byte, skipRetry bool) ([]byte, bool, uint64, <-chan struct{}, lag) {
+	c := &client{s: s, cursor: cursor}
+	return c.collect(buf, skipRetry)
 }
 
 func pub(s *stream, id string, setsID bool, data string) {
@@ -23,24 +29,24 @@ func TestCollectCoalescesPendingEntries(t *testing.T) {
 	for i := range 5 {
 		pub(s, fmt.Sprint(i), true, fmt.Sprintf("<%d>", i))
 	}
-	out, coalesced, next, _, behind := s.collect(1, new(*[]byte), false)
+	out, coalesced, next, _, behind := collectAt(s, 1, new(*[]byte), false)
 	if string(out) != "<1><2><3><4>" || !coalesced || next != 5 || behind != lagNone {
 		t.Fatalf("collect from 1: %q coalesced=%v next=%d behind=%v", out, coalesced, next, behind)
 	}
-	out, coalesced, next, _, _ = s.collect(4, new(*[]byte), false)
+	out, coalesced, next, _, _ = collectAt(s, 4, new(*[]byte), false)
 	if string(out) != "<4>" || coalesced || next != 5 {
 		t.Fatalf("a single pending entry should be returned as is: %q %v %d", out, coalesced, next)
 	}
-	if out, _, next, _, _ := s.collect(5, new(*[]byte), false); out != nil || next != 5 {
+	if out, _, next, _, _ := collectAt(s, 5, new(*[]byte), false); out != nil || next != 5 {
 		t.Fatalf("nothing pending: %q %d", out, next)
 	}
 	// retry entries are skipped for clients whose handler overrides retry
 	s.publish(entryRetry, []byte("<r>"), "", false, false)
 	pub(s, "5", true, "<5>")
-	if out, _, _, _, _ := s.collect(4, new(*[]byte), true); string(out) != "<4><5>" {
+	if out, _, _, _, _ := collectAt(s, 4, new(*[]byte), true); string(out) != "<4><5>" {
 		t.Fatalf("skipRetry: %q", out)
 	}
-	if out, _, _, _, _ := s.collect(4, new(*[]byte), false); string(out) != "<4><r><5>" {
+	if out, _, _, _, _ := collectAt(s, 4, new(*[]byte), false); string(out) != "<4><r><5>" {
 		t.Fatalf("with retry: %q", out)
 	}
 }
@@ -51,13 +57,13 @@ func TestCollectDropsLaggingClients(t *testing.T) {
 		pub(s, fmt.Sprint(i), true, "e")
 	}
 	// ring holds 12..19; 3/4 of 8 is 6 entries behind at most
-	if _, _, _, _, behind := s.collect(11, new(*[]byte), false); behind != lagEvicted {
+	if _, _, _, _, behind := collectAt(s, 11, new(*[]byte), false); behind != lagEvicted {
 		t.Fatal("a cursor before the oldest entry must be lagging")
 	}
-	if _, _, _, _, behind := s.collect(13, new(*[]byte), false); behind != lagFar {
+	if _, _, _, _, behind := collectAt(s, 13, new(*[]byte), false); behind != lagFar {
 		t.Fatal("7 entries behind in a ring of 8 must be lagging")
 	}
-	if _, _, _, _, behind := s.collect(14, new(*[]byte), false); behind != lagNone {
+	if _, _, _, _, behind := collectAt(s, 14, new(*[]byte), false); behind != lagNone {
 		t.Fatal("6 entries behind in a ring of 8 is within 3/4")
 	}
 	// by bytes: 3/4 of 100 bytes
@@ -65,10 +71,10 @@ func TestCollectDropsLaggingClients(t *testing.T) {
 	for range 10 {
 		pub(b, "", false, strings.Repeat("x", 10))
 	}
-	if _, _, _, _, behind := b.collect(2, new(*[]byte), false); behind != lagFar {
+	if _, _, _, _, behind := collectAt(b, 2, new(*[]byte), false); behind != lagFar {
 		t.Fatal("80 bytes behind of 100 must be lagging")
 	}
-	if _, _, _, _, behind := b.collect(3, new(*[]byte), false); behind != lagNone {
+	if _, _, _, _, behind := collectAt(b, 3, new(*[]byte), false); behind != lagNone {
 		t.Fatal("70 bytes behind of 100 is within 3/4")
 	}
 }
@@ -79,22 +85,22 @@ func TestHistoryBounds(t *testing.T) {
 		pub(s, fmt.Sprint(i), true, "0123456789")
 	}
 	// 25 bytes hold two 10-byte entries
-	if s.count != 2 || s.bytes != 20 || s.head != 6 {
-		t.Fatalf("count=%d bytes=%d head=%d", s.count, s.bytes, s.head)
+	if s.hist.count != 2 || s.hist.bytes != 20 || s.hist.head != 6 {
+		t.Fatalf("count=%d bytes=%d head=%d", s.hist.count, s.hist.bytes, s.hist.head)
 	}
 	s.resize(hubSettings{history: 1, historyBytes: 1000})
-	if s.count != 1 || len(s.ring) != 1 {
-		t.Fatalf("resize to 1: count=%d len=%d", s.count, len(s.ring))
+	if s.hist.count != 1 || len(s.hist.ring) != 1 {
+		t.Fatalf("resize to 1: count=%d len=%d", s.hist.count, len(s.hist.ring))
 	}
-	if out, _, _, _, _ := s.collect(5, new(*[]byte), false); string(out) != "0123456789" {
+	if out, _, _, _, _ := collectAt(s, 5, new(*[]byte), false); string(out) != "0123456789" {
 		t.Fatalf("newest entry lost in resize: %q", out)
 	}
 	s.resize(hubSettings{history: 10, historyBytes: 1000})
 	for i := 6; i < 9; i++ {
 		pub(s, fmt.Sprint(i), true, "ab")
 	}
-	if s.count != 4 || s.head != 9 {
-		t.Fatalf("after growing: count=%d head=%d", s.count, s.head)
+	if s.hist.count != 4 || s.hist.head != 9 {
+		t.Fatalf("after growing: count=%d head=%d", s.hist.count, s.hist.head)
 	}
 }
 
@@ -120,7 +126,7 @@ func TestFindResumesAfterMostRecentEntrySettingTheID(t *testing.T) {
 	if seq, ok := c.find("42"); !ok || seq != 0 {
 		t.Fatalf("find(initial id) = %d %v, want 0", seq, ok)
 	}
-	if got := c.replayStart(5); got != 0 {
+	if got := c.hist.replayStart(5); got != 0 {
 		t.Fatalf("replayStart(5) = %d", got)
 	}
 }
@@ -137,13 +143,13 @@ func TestStreamKeyNeverCollides(t *testing.T) {
 		"cookie a":      {"Cookie": {"a"}},
 		"auth a cookie": {"Authorization": {"a"}, "Cookie": {""}},
 	} {
-		k := streamKey("http://o/x", vary, hdr)
+		k := streamKey("http://o/x", nil, vary, hdr)
 		if other, dup := keys[k]; dup {
 			t.Fatalf("%q and %q share a key", name, other)
 		}
 		keys[k] = name
 	}
-	if streamKey("http://o/x", nil, map[string][]string{"Authorization": {"a"}}) != "http://o/x" {
+	if streamKey("http://o/x", nil, nil, map[string][]string{"Authorization": {"a"}}) != "http://o/x" {
 		t.Fatal("without vary, the key is the URL")
 	}
 }
@@ -157,23 +163,23 @@ func TestResizeSameSettingsKeepsHistory(t *testing.T) {
 		pub(s, fmt.Sprint(i), true, "e")
 	}
 	s.resize(hubSettings{history: 4, historyBytes: 1 << 20})
-	if s.count != 4 {
-		t.Fatalf("resize with the same settings dropped entries: %d left", s.count)
+	if s.hist.count != 4 {
+		t.Fatalf("resize with the same settings dropped entries: %d left", s.hist.count)
 	}
 	s.resize(hubSettings{history: 4, historyBytes: 2})
-	if s.count != 2 {
-		t.Fatalf("a lower history_bytes should keep 2 one-byte entries, kept %d", s.count)
+	if s.hist.count != 2 {
+		t.Fatalf("a lower history_bytes should keep 2 one-byte entries, kept %d", s.hist.count)
 	}
 }
 
 func TestOneEntryBehindIsNeverLagging(t *testing.T) {
 	s := testStream(1, 100)
 	pub(s, "1", true, strings.Repeat("x", 90))
-	if _, _, _, _, behind := s.collect(0, new(*[]byte), false); behind != lagNone {
+	if _, _, _, _, behind := collectAt(s, 0, new(*[]byte), false); behind != lagNone {
 		t.Fatal("with history 1, a client one event behind was dropped")
 	}
 	pub(s, "2", true, "y")
-	if _, _, _, _, behind := s.collect(0, new(*[]byte), false); behind != lagEvicted {
+	if _, _, _, _, behind := collectAt(s, 0, new(*[]byte), false); behind != lagEvicted {
 		t.Fatal("a client whose entry was evicted must be lagging")
 	}
 }

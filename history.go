@@ -1,0 +1,187 @@
+package ssefanout
+
+// entryKind says what a history entry is.
+type entryKind uint8
+
+const (
+	entryEvent entryKind = iota
+	entryID
+	entryRetry
+)
+
+// entry is one encoded item of a stream's history. Its wire bytes are
+// written to clients as they are and never change once published.
+type entry struct {
+	wire []byte
+	// id is the committed last-event ID after this entry.
+	id     string
+	setsID bool
+	kind   entryKind
+	// off is the stream's byte count before this entry, to measure how far
+	// behind a client is in bytes.
+	off uint64
+}
+
+// minRingSlots is the ring's first allocation once it holds anything.
+const minRingSlots = 16
+
+// history is a stream's recent entries: a ring addressed by sequence
+// number, bounded by a count and by the bytes of the entries it holds.
+// Its slots grow by doubling with what it holds, up to the count bound,
+// so that an empty or quiet stream costs little whatever `history` is:
+// memory follows content, not configuration.
+//
+// It is guarded by its stream's lock: a client's start reads it and takes
+// its cursor under one lock.
+type history struct {
+	ring     []entry
+	limit    int    // the most entries it keeps (`history`)
+	maxBytes int64  // the most bytes of entries it keeps (`history_bytes`)
+	head     uint64 // sequence number of the next entry
+	count    int
+	bytes    int64  // bytes held by the entries in the ring
+	total    uint64 // bytes ever appended
+}
+
+func newHistory(limit int, maxBytes int64) history {
+	return history{limit: limit, maxBytes: maxBytes}
+}
+
+// oldest returns the sequence number of the oldest entry held.
+func (h *history) oldest() uint64 { return h.head - uint64(h.count) }
+
+// at returns the entry with sequence number seq, which must be held.
+func (h *history) at(seq uint64) *entry { return &h.ring[seq%uint64(len(h.ring))] }
+
+// append adds an entry at the head, evicting the oldest entries first so
+// that it fits both bounds. An entry larger than maxBytes is kept alone.
+func (h *history) append(e entry) {
+	h.evict(len(e.wire))
+	if h.count == len(h.ring) {
+		h.relayout(min(max(2*len(h.ring), minRingSlots), h.limit))
+	}
+	e.off = h.total
+	*h.at(h.head) = e
+	h.head++
+	h.count++
+	h.bytes += int64(len(e.wire))
+	h.total += uint64(len(e.wire))
+}
+
+// evict drops the oldest entries until one of size more fits.
+func (h *history) evict(size int) {
+	for h.count > 0 && (h.count >= h.limit || h.bytes+int64(size) > h.maxBytes) {
+		h.dropOldest()
+	}
+}
+
+func (h *history) dropOldest() {
+	e := h.at(h.oldest())
+	h.bytes -= int64(len(e.wire))
+	*e = entry{}
+	h.count--
+}
+
+// relayout moves the entries held into a ring of n slots (n >= count).
+// Clients hold sequence numbers, not slots, so they are unaffected.
+func (h *history) relayout(n int) {
+	old := h.ring
+	h.ring = make([]entry, n)
+	for seq := h.oldest(); seq < h.head; seq++ {
+		h.ring[seq%uint64(n)] = old[seq%uint64(len(old))]
+	}
+}
+
+// resize applies new bounds, keeping the newest entries.
+func (h *history) resize(limit int, maxBytes int64) {
+	h.limit, h.maxBytes = limit, maxBytes
+	for h.count > 0 && (h.count > h.limit || h.bytes > h.maxBytes) {
+		h.dropOldest()
+	}
+	if len(h.ring) > h.limit {
+		h.relayout(h.limit)
+	}
+}
+
+// find returns the sequence number after the most recent entry whose block
+// set id, or false when the id is not held.
+func (h *history) find(id string) (uint64, bool) {
+	for seq := h.head; seq > h.oldest(); seq-- {
+		if e := h.at(seq - 1); e.setsID && e.id == id {
+			return seq, true
+		}
+	}
+	return 0, false
+}
+
+// replayStart returns the sequence number n events back from the head.
+func (h *history) replayStart(n int) uint64 {
+	seq := h.head
+	for n > 0 && seq > h.oldest() {
+		seq--
+		if h.at(seq).kind == entryEvent {
+			n--
+		}
+	}
+	return seq
+}
+
+// lag is how far a client is behind its stream's head.
+type lag uint8
+
+const (
+	lagNone    lag = iota
+	lagFar         // more than 3/4 of the history behind
+	lagEvicted     // its next entry is no longer held
+)
+
+// behind says how far back a client whose next entry is cursor is:
+// evicted when that entry is gone, far when it is more than 3/4 of the
+// history back, in entries or bytes (and more than one entry: with a tiny
+// history, or an event near history_bytes, every client is one behind at
+// each publish). 3/4 leaves the client's own last entry held, so a client
+// dropped then resumes by Last-Event-ID with no gap.
+func (h *history) behind(cursor uint64) lag {
+	switch {
+	case cursor == h.head:
+		return lagNone
+	case cursor < h.oldest():
+		return lagEvicted
+	}
+	n := h.head - cursor
+	if n > 1 && (n*4 > uint64(h.limit)*3 || (h.total-h.at(cursor).off)*4 > uint64(h.maxBytes)*3) {
+		return lagFar
+	}
+	return lagNone
+}
+
+// collect gathers what a client at cursor has not been sent yet, from
+// cursor to the head, and the cursor after it. A single pending entry is
+// returned as it is (its bytes are immutable, so nothing is copied);
+// several are coalesced, up to maxBatch bytes, into *buf (borrowed from
+// batchPool when nil), and coalesced is true. With skipRetry, retry lines
+// are left out (the handler sends its own). The cursor must be held.
+func (h *history) collect(cursor uint64, buf **[]byte, skipRetry bool) (out []byte, coalesced bool, next uint64) {
+	if cursor == h.head {
+		return nil, false, cursor
+	}
+	if h.head-cursor == 1 {
+		e := h.at(cursor)
+		if skipRetry && e.kind == entryRetry {
+			return nil, false, h.head
+		}
+		return e.wire, false, h.head
+	}
+	if *buf == nil {
+		*buf = batchPool.Get().(*[]byte)
+	}
+	out = (**buf)[:0]
+	for ; cursor < h.head && len(out) < maxBatch; cursor++ {
+		e := h.at(cursor)
+		if skipRetry && e.kind == entryRetry {
+			continue
+		}
+		out = append(out, e.wire...)
+	}
+	return out, true, cursor
+}

@@ -1,0 +1,191 @@
+package ssefanout
+
+import (
+	"context"
+	"net/http"
+	"net/url"
+	"sync"
+	"time"
+)
+
+// streamState is where a stream's upstream stands.
+type streamState uint8
+
+const (
+	// stateConnecting: the first upstream attempt has no answer yet.
+	stateConnecting streamState = iota
+	// stateLive: an event-stream response is being read.
+	stateLive
+	// stateRetrying: the upstream is between attempts after a passing
+	// failure; clients get a 200 stream with keepalives meanwhile.
+	stateRetrying
+	// stateFinal: the origin gave a permanent answer; the stream is over.
+	stateFinal
+)
+
+// finalAnswer is a permanent origin answer passed on to waiting clients.
+type finalAnswer struct {
+	status int
+	header http.Header
+	body   []byte
+	// reason is why the proxy answers 502 itself, for the logs; empty
+	// for the origin's own answers, whose bodies are not logged
+	reason string
+}
+
+// stream is one upstream event stream and its clients: a history of
+// encoded entries that clients read from their own cursors. Publishing
+// never writes to a client socket, so no client can slow the upstream or
+// another client.
+type stream struct {
+	hub    *hub
+	key    string
+	name   string
+	target *url.URL
+	header http.Header // the vary headers sent upstream
+	// initialID is the Last-Event-ID of the client that created the
+	// stream: the upstream is asked to resume from it (until the origin
+	// commits an id of its own), and clients that send it get the whole
+	// history. It is never an id that clients receive.
+	initialID string
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	done   chan struct{} // closed when the upstream loop has returned
+	ready  chan struct{} // closed at the origin's first answer
+	// after, when set, is the done channel of the stream closed to make
+	// room for this one: its upstream connects once that one is gone.
+	after <-chan struct{}
+
+	// Guarded by hub.mu.
+	clients     int
+	lingerTimer *time.Timer
+	// lingerSince is when the last client left; the stream that has
+	// lingered longest makes room when max_streams is reached.
+	lingerSince time.Time
+
+	mu         sync.RWMutex
+	hist       history
+	wake       chan struct{} // closed and replaced on every publish
+	state      streamState
+	final      *finalAnswer
+	respHeader http.Header
+	retry      int64  // the origin's latest retry in ms, when hasRetry
+	hasRetry   bool   // the origin sent a retry (0 is a value)
+	retryNext  uint64 // sequence number after the latest retry entry; 0 if none
+	lastID     string // the origin's committed id, when hasID
+	hasID      bool
+}
+
+func newStream(h *hub, key string, target *url.URL, header http.Header, initialID string, set hubSettings) *stream {
+	ctx, cancel := context.WithCancel(h.ctx)
+	return &stream{
+		hub:       h,
+		key:       key,
+		name:      keyHash(key),
+		target:    target,
+		header:    header,
+		initialID: initialID,
+		ctx:       ctx,
+		cancel:    cancel,
+		done:      make(chan struct{}),
+		ready:     make(chan struct{}),
+		hist:      newHistory(set.history, set.historyBytes),
+		wake:      make(chan struct{}),
+	}
+}
+
+// stopLinger stops a pending linger timer. The caller holds hub.mu.
+func (s *stream) stopLinger() {
+	if s.lingerTimer != nil {
+		s.lingerTimer.Stop()
+		s.lingerTimer = nil
+	}
+}
+
+// resize applies new history bounds, keeping the newest entries.
+func (s *stream) resize(set hubSettings) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.hist.resize(set.history, set.historyBytes)
+}
+
+// publish appends an entry to the history and wakes every client.
+func (s *stream) publish(kind entryKind, wire []byte, id string, setsID, hasID bool) {
+	s.mu.Lock()
+	s.hist.append(entry{wire: wire, id: id, setsID: setsID, kind: kind})
+	if kind == entryRetry { // a retry line carries no id of its own
+		s.retryNext = s.hist.head
+	} else {
+		s.lastID, s.hasID = id, hasID
+	}
+	wake := s.wake
+	s.wake = make(chan struct{})
+	s.mu.Unlock()
+	close(wake)
+}
+
+// signal wakes every client of the stream, to look at the stream's state
+// and their own.
+func (s *stream) signal() {
+	s.mu.Lock()
+	wake := s.wake
+	s.wake = make(chan struct{})
+	s.mu.Unlock()
+	close(wake)
+}
+
+// setState records where the upstream stands; the first answer, whatever
+// it is, releases the clients waiting for it.
+func (s *stream) setState(st streamState, respHeader http.Header, final *finalAnswer) {
+	s.mu.Lock()
+	s.state = st
+	if respHeader != nil {
+		s.respHeader = respHeader
+	}
+	if final != nil {
+		s.final = final
+	}
+	s.mu.Unlock()
+	select {
+	case <-s.ready:
+	default:
+		close(s.ready)
+	}
+}
+
+// setRetry records the origin's reconnection time.
+func (s *stream) setRetry(ms int64) {
+	s.mu.Lock()
+	s.retry, s.hasRetry = ms, true
+	s.mu.Unlock()
+}
+
+// ended reports whether the stream is over for good (the origin's final
+// answer), as opposed to torn down with its hub.
+func (s *stream) ended() bool {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.state == stateFinal
+}
+
+// find returns the sequence number after the most recent entry whose block
+// set id, or false when the id is not in the history.
+func (s *stream) find(id string) (uint64, bool) {
+	if seq, ok := s.hist.find(id); ok {
+		return seq, true
+	}
+	if s.initialID != "" && id == s.initialID && s.hist.oldest() == 0 {
+		// the client that created the stream, or one at the same point:
+		// everything since the upstream resumed from its id is new to it
+		return 0, true
+	}
+	return 0, false
+}
+
+// position returns the sequence number the next entry will have.
+func (s *stream) position() uint64 {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.hist.head
+}
