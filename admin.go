@@ -53,8 +53,6 @@ type streamStatus struct {
 	LastEventIDLen int    `json:"last_event_id_length"`
 }
 
-var stateNames = [...]string{stateConnecting: "connecting", stateLive: "live", stateRetrying: "retrying", stateFinal: "final"}
-
 func (adminStreams) serve(w http.ResponseWriter, r *http.Request) error {
 	if r.Method != http.MethodGet {
 		return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: fmt.Errorf("method not allowed")}
@@ -84,7 +82,7 @@ func (h *hub) status() hubStatus {
 		s.mu.RLock()
 		hs.Streams = append(hs.Streams, streamStatus{
 			Stream:         s.name,
-			State:          stateNames[s.state],
+			State:          s.state.String(),
 			Clients:        clients[i],
 			HistoryEvents:  s.hist.count,
 			HistoryBytes:   s.hist.bytes,

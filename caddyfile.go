@@ -1,7 +1,8 @@
 package ssefanout
 
 import (
-	"encoding/json"
+	"errors"
+	"fmt"
 	"net/http"
 	"strconv"
 	"strings"
@@ -65,18 +66,20 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	if _, err := parseUpstream(h.Upstream); err != nil {
 		return d.Errf("%v", err)
 	}
-	seen := map[string]bool{}
+	// where each option was set, so that a check involving two options
+	// reports the line of the one to change
+	at := map[string]caddyfile.Token{}
 	for d.NextBlock(0) {
 		opt := d.Val()
-		if seen[opt] && opt != "header_up" && opt != "vary" {
+		if _, seen := at[opt]; seen && opt != "header_up" && opt != "vary" {
 			return d.Errf("%s: specified more than once", opt)
 		}
-		seen[opt] = true
+		at[opt] = d.Token()
 		if err := h.unmarshalOption(d, opt); err != nil {
 			return err
 		}
 	}
-	return h.checkCaddyfile(d)
+	return h.checkCaddyfile(d, at)
 }
 
 // unmarshalOption parses one option line of the block.
@@ -84,11 +87,11 @@ func (h *Handler) unmarshalOption(d *caddyfile.Dispenser, opt string) error {
 	var err error
 	switch opt {
 	case "history":
-		h.History, err = intArg(d, opt, 1)
+		h.History, err = intArg(d, opt, 1, false)
 	case "history_bytes":
-		h.HistoryBytes, err = sizeArg(d, opt)
+		h.HistoryBytes, err = sizeArg(d, opt, false)
 	case "replay":
-		h.Replay, err = intArg(d, opt, 0)
+		h.Replay, err = intArg(d, opt, 0, false)
 	case "keepalive":
 		h.Keepalive, err = durationArg(d, opt, true)
 	case "linger":
@@ -98,16 +101,11 @@ func (h *Handler) unmarshalOption(d *caddyfile.Dispenser, opt string) error {
 	case "status_wait":
 		h.StatusWait, err = durationArg(d, opt, false)
 	case "max_event_size":
-		h.MaxEventSize, err = sizeArg(d, opt)
+		h.MaxEventSize, err = sizeArg(d, opt, false)
 	case "max_clients":
-		h.MaxClients, err = intArg(d, opt, 0)
+		h.MaxClients, err = intArg(d, opt, 0, false)
 	case "max_streams":
-		if d.NextArg() && d.Val() == "off" {
-			h.MaxStreams = -1
-			return noMoreArgs(d, opt)
-		}
-		d.Prev()
-		h.MaxStreams, err = intArg(d, opt, 1)
+		h.MaxStreams, err = intArg(d, opt, 1, true)
 	case "retry":
 		h.Retry, err = durationArg(d, opt, false)
 	case "upstream_idle_timeout":
@@ -115,20 +113,15 @@ func (h *Handler) unmarshalOption(d *caddyfile.Dispenser, opt string) error {
 	case "drain":
 		h.Drain, err = durationArg(d, opt, false)
 	case "client_send_buffer":
-		if d.NextArg() && d.Val() == "off" {
-			h.ClientSendBuffer = -1
-			return noMoreArgs(d, opt)
-		}
-		d.Prev()
-		h.ClientSendBuffer, err = sizeArg(d, opt)
+		h.ClientSendBuffer, err = sizeArg(d, opt, true)
 	case "vary":
 		args := d.RemainingArgs()
 		if len(args) == 0 {
 			return d.Errf("vary: needs at least one request header name")
 		}
 		for _, name := range args {
-			if strings.ContainsAny(name, "{}: ") {
-				return d.Errf("vary: %q is not a header name", name)
+			if err := checkVaryName(name); err != nil {
+				return d.Errf("%v", err)
 			}
 			h.Vary = append(h.Vary, http.CanonicalHeaderKey(name))
 		}
@@ -149,19 +142,17 @@ func (h *Handler) unmarshalHeaderUp(d *caddyfile.Dispenser) error {
 	if len(args) < 1 || len(args) > 2 {
 		return d.Errf("header_up: expected '[+|-]<field> [<value>]', got %d arguments", len(args))
 	}
-	for _, a := range args {
-		if p := requestPlaceholder(a); p != "" {
-			return d.Errf("header_up %s: placeholder %s depends on the request, but one upstream request serves many clients; use 'vary <header>' to forward a client's header (only {env.*}, {file.*} and {system.*} are allowed here)", args[0], p)
-		}
-	}
-	if h.HeaderUp == nil {
-		h.HeaderUp = new(headers.HeaderOps)
-	}
 	value := ""
 	if len(args) == 2 {
 		value = args[1]
 	} else if !strings.HasPrefix(args[0], "-") {
 		return d.Errf("header_up %s: missing value (use '-%s' to remove the field)", args[0], args[0])
+	}
+	if err := checkHeaderUp(strings.TrimLeft(args[0], "+-"), value); err != nil {
+		return d.Errf("%v", err)
+	}
+	if h.HeaderUp == nil {
+		h.HeaderUp = new(headers.HeaderOps)
 	}
 	if err := headers.CaddyfileHeaderOp(h.HeaderUp, args[0], value, nil); err != nil {
 		return d.Errf("header_up: %v", err)
@@ -179,55 +170,98 @@ func (h *Handler) unmarshalTransport(d *caddyfile.Dispenser) error {
 	if name != "http" {
 		return d.Errf("transport: only 'http' is supported, got %q", name)
 	}
-	unm, err := caddyfile.UnmarshalModule(d, "http.reverse_proxy.transport."+name)
+	// the block's own tokens, to find the line of an option it refuses
+	seg := d.NewFromNextSegment()
+	var refused *caddyfile.Token
+	for seg.Next() {
+		if seg.Val() == "proxy_protocol" && refused == nil {
+			tok := seg.Token()
+			refused = &tok
+		}
+	}
+	seg.Reset()
+	mod, err := caddy.GetModule("http.reverse_proxy.transport." + name)
 	if err != nil {
+		return d.Errf("transport %s: %v", name, err)
+	}
+	unm, ok := mod.New().(caddyfile.Unmarshaler)
+	if !ok {
+		return d.Errf("transport %s cannot be configured from a Caddyfile", name)
+	}
+	if err := unm.UnmarshalCaddyfile(seg); err != nil {
 		return err
 	}
 	raw := caddyconfig.JSONModuleObject(unm, "protocol", name, nil)
-	var probe struct {
-		ProxyProtocol string `json:"proxy_protocol"`
-	}
-	if err := json.Unmarshal(raw, &probe); err == nil && probe.ProxyProtocol != "" {
-		return d.Errf("transport: proxy_protocol is not supported: a shared upstream connection carries no single client's address")
+	if err := checkTransport(raw); err != nil {
+		if refused != nil {
+			return errAt(*refused, err)
+		}
+		return d.Errf("%v", err)
 	}
 	h.TransportRaw = raw
 	return nil
 }
 
 // checkCaddyfile runs the load-time checks while the tokens are at hand,
-// so that a bad value is reported with its file and line.
-func (h *Handler) checkCaddyfile(d *caddyfile.Dispenser) error {
+// so that a bad value is reported with its file and the line of the option
+// that has to change.
+func (h *Handler) checkCaddyfile(d *caddyfile.Dispenser, at map[string]caddyfile.Token) error {
 	eff := h.withDefaults()
-	if err := eff.Validate(); err != nil {
-		return d.Errf("%v", err)
+	err := eff.Validate()
+	if err == nil {
+		return nil
 	}
-	return nil
+	var oe *optionError
+	if errors.As(err, &oe) {
+		for _, opt := range oe.options {
+			if tok, ok := at[opt]; ok {
+				return errAt(tok, err)
+			}
+		}
+	}
+	return d.Errf("%v", err)
 }
 
-func intArg(d *caddyfile.Dispenser, opt string, minimum int) (int, error) {
+// errAt reports err at a token's file and line, as Caddy's own Errf
+// reports it at the current token.
+func errAt(tok caddyfile.Token, err error) error {
+	return fmt.Errorf("%w, at %s:%d", err, tok.File, tok.Line)
+}
+
+// intArg parses a whole number of at least minimum; with allowOff, "off"
+// is stored as -1 (zero means the default).
+func intArg(d *caddyfile.Dispenser, opt string, minimum int, allowOff bool) (int, error) {
 	if !d.NextArg() {
 		return 0, d.Errf("%s: missing value", opt)
 	}
+	if allowOff && d.Val() == "off" {
+		return -1, noMoreArgs(d, opt)
+	}
 	n, err := strconv.Atoi(d.Val())
 	if err != nil || n < minimum {
-		return 0, d.Errf("%s: %q is not a whole number >= %d", opt, d.Val(), minimum)
+		return 0, d.Errf("%s: %q is not a whole number >= %d%s", opt, d.Val(), minimum, offHint(allowOff))
 	}
 	return n, noMoreArgs(d, opt)
 }
 
-func sizeArg(d *caddyfile.Dispenser, opt string) (int64, error) {
+// sizeArg parses a positive size like 64KiB; with allowOff, "off" is
+// stored as -1.
+func sizeArg(d *caddyfile.Dispenser, opt string, allowOff bool) (int64, error) {
 	if !d.NextArg() {
 		return 0, d.Errf("%s: missing size", opt)
 	}
+	if allowOff && d.Val() == "off" {
+		return -1, noMoreArgs(d, opt)
+	}
 	n, err := humanize.ParseBytes(d.Val())
 	if err != nil || n == 0 || n > 1<<40 {
-		return 0, d.Errf("%s: %q is not a size like 64KiB or 16MiB", opt, d.Val())
+		return 0, d.Errf("%s: %q is not a size like 64KiB or 16MiB%s", opt, d.Val(), offHint(allowOff))
 	}
 	return int64(n), noMoreArgs(d, opt)
 }
 
-// durationArg parses a duration; with allowOff, "off" is stored as -1
-// (turned off), since zero means the default.
+// durationArg parses a positive duration; with allowOff, "off" is stored
+// as -1 (zero means the default).
 func durationArg(d *caddyfile.Dispenser, opt string, allowOff bool) (caddy.Duration, error) {
 	if !d.NextArg() {
 		return 0, d.Errf("%s: missing duration", opt)
@@ -237,9 +271,17 @@ func durationArg(d *caddyfile.Dispenser, opt string, allowOff bool) (caddy.Durat
 	}
 	dur, err := caddy.ParseDuration(d.Val())
 	if err != nil || dur <= 0 {
-		return 0, d.Errf("%s: %q is not a positive duration like 500ms or 15s", opt, d.Val())
+		return 0, d.Errf("%s: %q is not a positive duration like 500ms or 15s%s", opt, d.Val(), offHint(allowOff))
 	}
 	return caddy.Duration(dur), noMoreArgs(d, opt)
+}
+
+// offHint tells how to turn an option off, for options that can be.
+func offHint(allowOff bool) string {
+	if allowOff {
+		return "; use 'off' to turn it off"
+	}
+	return ""
 }
 
 func noMoreArgs(d *caddyfile.Dispenser, opt string) error {

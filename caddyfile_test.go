@@ -3,6 +3,7 @@ package ssefanout
 import (
 	"encoding/json"
 	"flag"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -12,6 +13,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/headers"
 )
 
 var update = flag.Bool("update", false, "rewrite golden files")
@@ -100,7 +102,7 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		{"duplicate", "sse_fanout http://a {\n replay 1\n replay 2\n}", "replay: specified more than once"},
 		{"replay over history", "sse_fanout http://a {\n history 10\n replay 11\n}", "replay: must be between 0 and history"},
 		{"history_bytes under max_event_size", "sse_fanout http://a {\n history_bytes 1KiB\n max_event_size 1MiB\n}", "history_bytes (1024) must be at least max_event_size"},
-		{"request placeholder in header_up", "sse_fanout http://a {\n header_up X-User {http.request.header.X-User}\n}", "use 'vary <header>'"},
+		{"request placeholder in header_up", "sse_fanout http://a {\n header_up X-User {http.request.header.X-User}\n}", "forward the client's header with 'vary X-User'"},
 		{"header_up without value", "sse_fanout http://a {\n header_up X-A\n}", "missing value"},
 		{"vary without names", "sse_fanout http://a {\n vary\n}", "vary: needs at least one"},
 		{"transport other", "sse_fanout http://a {\n transport fastcgi\n}", "only 'http' is supported"},
@@ -121,6 +123,80 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 				t.Fatalf("error %q does not name the file and line", err)
 			}
 		})
+	}
+}
+
+// A check involving two options, or an option inside the transport block,
+// reports the line of the option that has to change, not the block's end;
+// and every message says what to do.
+func TestCaddyfileErrorsNameTheLineToChange(t *testing.T) {
+	cases := []struct {
+		name, input, want, line string
+	}{
+		{"history_bytes under max_event_size", "sse_fanout http://a {\n history 5\n history_bytes 1KiB\n max_event_size 1MiB\n}", "raise history_bytes or lower max_event_size", "Testfile:3"},
+		{"max_event_size over the default history_bytes", "sse_fanout http://a {\n history 5\n max_event_size 32MiB\n}", "must be at least max_event_size", "Testfile:3"},
+		{"replay over history", "sse_fanout http://a {\n replay 11\n keepalive 5s\n history 10\n}", "replay: must be between 0 and history", "Testfile:2"},
+		{"replay over the default history", "sse_fanout http://a {\n keepalive 5s\n replay 1001\n}", "replay: must be between 0 and history", "Testfile:3"},
+		{"proxy_protocol in transport", "sse_fanout http://a {\n history 5\n transport http {\n  dial_timeout 1s\n  proxy_protocol v2\n }\n}", "proxy_protocol is not supported", "Testfile:5"},
+		{"vary Host", "sse_fanout http://a {\n history 5\n vary Authorization Host\n}", "use 'header_up Host <value>'", "Testfile:3"},
+		{"vary Last-Event-ID", "sse_fanout http://a {\n vary last-event-id\n}", "cannot split streams", "Testfile:2"},
+		{"keepalive 0", "sse_fanout http://a {\n keepalive 0\n}", "use 'off' to turn it off", "Testfile:2"},
+		{"linger 0s", "sse_fanout http://a {\n history 5\n linger 0s\n}", "use 'off' to turn it off", "Testfile:3"},
+		{"max_streams 0", "sse_fanout http://a {\n max_streams 0\n}", "use 'off' to turn it off", "Testfile:2"},
+		{"client_send_buffer 0", "sse_fanout http://a {\n client_send_buffer 0\n}", "use 'off' to turn it off", "Testfile:2"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			var h Handler
+			err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.input))
+			if err == nil {
+				t.Fatalf("no error for %q", tc.input)
+			}
+			if !strings.Contains(err.Error(), tc.want) || !strings.HasSuffix(err.Error(), ", at "+tc.line) {
+				t.Fatalf("error %q, want one containing %q at %s", err, tc.want, tc.line)
+			}
+		})
+	}
+}
+
+// Two handlers of one identity in one config must agree on the hub
+// settings; the load error names the setting, both values and the fix.
+func TestConflictingSettingsAreNamed(t *testing.T) {
+	src := `{
+	admin off
+	auto_https off
+	persist_config off
+}
+http://127.0.0.1:1 {
+	handle /a/* {
+		sse_fanout http://127.0.0.1:2 {
+			history 10
+		}
+	}
+	handle {
+		sse_fanout http://127.0.0.1:2 {
+			history 20
+		}
+	}
+}
+`
+	adapter := caddyfile.Adapter{ServerType: httpcaddyfile.ServerType{}}
+	cfg, _, err := adapter.Adapt([]byte(src), map[string]any{"filename": "Caddyfile"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var c caddy.Config
+	if err := json.Unmarshal(cfg, &c); err != nil {
+		t.Fatal(err)
+	}
+	err = caddy.Validate(&c)
+	if err == nil {
+		t.Fatal("two handlers sharing streams with different history validated")
+	}
+	for _, want := range []string{"http://127.0.0.1:2", "history 10", "20", "give both the same history"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q does not say %q", err, want)
+		}
 	}
 }
 
@@ -193,6 +269,10 @@ func TestValidate(t *testing.T) {
 		{Upstream: "http://a", HistoryBytes: 10, MaxEventSize: 20},
 		{Upstream: "http://a", History: 3, Replay: 4},
 		{Upstream: "http://a", MaxClients: -1},
+		{Upstream: "http://a", Vary: []string{"Host"}},
+		{Upstream: "http://a", TransportRaw: json.RawMessage(`{"protocol":"fastcgi","root":"/x"}`)},
+		{Upstream: "http://a", TransportRaw: json.RawMessage(`{"protocol":"http","proxy_protocol":"v1"}`)},
+		{Upstream: "http://a", HeaderUp: &headers.HeaderOps{Set: http.Header{"X-User": {"{http.request.header.X-User}"}}}},
 	}
 	for _, h := range bad {
 		h := h.withDefaults()

@@ -50,11 +50,11 @@ func benchStream(tb testing.TB) *stream {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	h := newHub(tmpl, nil, nil, nil, benchSettings(), zap.NewNop())
+	h := newHub(tmpl, nil, nil, &hubConfig{settings: benchSettings(), logger: zap.NewNop()})
 	tb.Cleanup(func() { _ = h.Destruct() })
 	target := &url.URL{Scheme: "http", Host: "127.0.0.1:9", Path: "/events"}
 	s := newStream(h, target.String(), target, http.Header{}, "", benchSettings())
-	s.setState(stateLive, http.Header{}, nil)
+	s.answer(answer{state: stateLive, header: http.Header{}})
 	return s
 }
 
@@ -81,12 +81,12 @@ func BenchmarkPublish(b *testing.B) {
 	s := benchStream(b)
 	wire, id := benchWire(b, 1, benchEventSize)
 	for range defaultHistory {
-		s.publish(entryEvent, wire, id, true, true)
+		s.append(entry{kind: entryEvent, wire: wire, id: id, setsID: true, hasID: true})
 	}
 	b.SetBytes(int64(len(wire)))
 	b.ReportAllocs()
 	for b.Loop() {
-		s.publish(entryEvent, wire, id, true, true)
+		s.append(entry{kind: entryEvent, wire: wire, id: id, setsID: true, hasID: true})
 	}
 }
 
@@ -108,7 +108,7 @@ func BenchmarkParseEncodePublish(b *testing.B) {
 			return
 		}
 		wire := appendEvent(make([]byte, 0, encodedLen(r)), r)
-		s.publish(entryEvent, wire, r.id, r.setsID, r.hasID)
+		s.append(entry{kind: entryEvent, wire: wire, id: r.id, setsID: r.setsID, hasID: r.hasID})
 		published++
 	}
 	for i := range defaultHistory {
@@ -192,7 +192,7 @@ func benchmarkDeliver(b *testing.B, clients int) {
 		timeout.Reset(time.Minute)
 		events++
 		d.want.Store(int64(events) * int64(clients))
-		s.publish(entryEvent, wire, id, true, true)
+		s.append(entry{kind: entryEvent, wire: wire, id: id, setsID: true, hasID: true})
 		select {
 		case <-d.all:
 		case msg := <-d.failed:

@@ -12,6 +12,7 @@ import (
 	"reflect"
 	"regexp"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -685,7 +686,7 @@ func (es *eventSource) snapshot() (events []string, opens int) {
 // the count returns to zero once it returns.
 func TestLeakCheckSeesEveryFile(t *testing.T) {
 	set := hubSettings{history: 10, historyBytes: 1 << 20}
-	h := newHub(&upstreamTemplate{scheme: "http", host: "x"}, nil, nil, nil, set, nil)
+	h := newHub(&upstreamTemplate{scheme: "http", host: "x"}, nil, nil, &hubConfig{settings: set})
 	defer h.Destruct()
 	s := newStream(h, "k", nil, nil, "", set)
 	hd := &Handler{StatusWait: caddy.Duration(time.Hour)}
@@ -707,4 +708,130 @@ func TestLeakCheckSeesEveryFile(t *testing.T) {
 	if n, sample := pkgGoroutines(); n != 0 {
 		t.Fatalf("%d goroutines counted after it returned:\n%s", n, sample)
 	}
+}
+
+// transportFrom returns a client transport whose connections leave
+// from the loopback address ip, so that many short connections spread
+// over several source addresses instead of exhausting one's ports.
+func transportFrom(ip string) *http.Transport {
+	d := &net.Dialer{Timeout: 5 * time.Second, LocalAddr: &net.TCPAddr{IP: net.ParseIP(ip)}}
+	return &http.Transport{
+		DialContext:         d.DialContext,
+		DisableCompression:  true,
+		DisableKeepAlives:   true,
+		MaxIdleConnsPerHost: -1,
+	}
+}
+
+// requestRecorder drains an origin's recorded requests so that a test can
+// look them up by path at any time.
+type requestRecorder struct {
+	mu   sync.Mutex
+	reqs []*http.Request
+}
+
+func recordRequests(t *testing.T, o *origin) *requestRecorder {
+	rec := &requestRecorder{}
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			select {
+			case r := <-o.requests:
+				rec.mu.Lock()
+				rec.reqs = append(rec.reqs, r)
+				rec.mu.Unlock()
+			case <-stop:
+				return
+			}
+		}
+	}()
+	t.Cleanup(func() { close(stop); <-done })
+	return rec
+}
+
+// byPath returns the recorded requests whose URI is path, oldest first.
+func (rec *requestRecorder) byPath(path string) []*http.Request {
+	rec.mu.Lock()
+	defer rec.mu.Unlock()
+	var out []*http.Request
+	for _, r := range rec.reqs {
+		if r.URL.RequestURI() == path {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+var refusalBody = regexp.MustCompile(`^retry: ([0-9]+)\n$`)
+
+// checkRefusal asserts the refusal an EventSource gets: a 200 event
+// stream whose body is a lone `retry:` of 5 to 10 seconds and that ends.
+// The response's request must carry a deadline, so that a body that does
+// not end fails the read instead of hanging the test.
+func checkRefusal(resp *http.Response) error {
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("refusal status %d, want 200", resp.StatusCode)
+	}
+	if ct := resp.Header.Get("Content-Type"); ct != "text/event-stream" {
+		return fmt.Errorf("refusal Content-Type %q, want text/event-stream", ct)
+	}
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return fmt.Errorf("refusal body did not end cleanly after %q: %v", body, err)
+	}
+	m := refusalBody.FindSubmatch(body)
+	if m == nil {
+		return fmt.Errorf("refusal body %q, want exactly `retry: N\\n`", body)
+	}
+	if n, _ := strconv.Atoi(string(m[1])); n < 5000 || n > 10000 {
+		return fmt.Errorf("refusal retry %d ms, want 5000..10000", n)
+	}
+	return nil
+}
+
+// check503 asserts the refusal any other client gets: a 503 with a
+// Retry-After of 5 to 10 seconds.
+func check503(resp *http.Response) error {
+	defer resp.Body.Close()
+	_, _ = io.Copy(io.Discard, resp.Body)
+	if resp.StatusCode != http.StatusServiceUnavailable {
+		return fmt.Errorf("refusal without Accept: status %d, want 503", resp.StatusCode)
+	}
+	ra, err := strconv.Atoi(resp.Header.Get("Retry-After"))
+	if err != nil || ra < 5 || ra > 10 {
+		return fmt.Errorf("refusal Retry-After %q, want 5..10 seconds", resp.Header.Get("Retry-After"))
+	}
+	return nil
+}
+
+// getWithin makes a GET with a deadline for the whole exchange, body
+// included; the caller closes the body.
+func getWithin(rt http.RoundTripper, url string, accept bool, within time.Duration) (*http.Response, context.CancelFunc, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), within)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		cancel()
+		return nil, nil, err
+	}
+	if accept {
+		req.Header.Set("Accept", "text/event-stream")
+	}
+	resp, err := rt.RoundTrip(req)
+	if err != nil {
+		cancel()
+		return nil, nil, err
+	}
+	return resp, cancel, nil
+}
+
+// heapInuse returns HeapInuse after two full collections.
+func heapInuse() uint64 {
+	runtime.GC()
+	runtime.GC()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	return ms.HeapInuse
 }

@@ -13,10 +13,15 @@ const (
 // written to clients as they are and never change once published.
 type entry struct {
 	wire []byte
-	// id is the committed last-event ID after this entry.
+	// id is the committed last-event ID after this entry; hasID says
+	// whether the stream has committed one at all by then, setsID whether
+	// this entry's own block had an id field.
 	id     string
 	setsID bool
+	hasID  bool
 	kind   entryKind
+	// retry is a retry line's value in ms (entryRetry).
+	retry int64
 	// off is the stream's byte count before this entry, to measure how far
 	// behind a client is in bytes.
 	off uint64

@@ -10,7 +10,7 @@ import (
 // Unit tests of a stream's history, without network or upstream.
 
 func testStream(history int, historyBytes int64) *stream {
-	h := newHub(&upstreamTemplate{scheme: "http", host: "x"}, nil, nil, nil, hubSettings{history: history, historyBytes: historyBytes}, nil)
+	h := newHub(&upstreamTemplate{scheme: "http", host: "x"}, nil, nil, &hubConfig{settings: hubSettings{history: history, historyBytes: historyBytes}})
 	return newStream(h, "k", &url.URL{Path: "/"}, nil, "", hubSettings{history: history, historyBytes: historyBytes})
 }
 
@@ -21,7 +21,7 @@ func collectAt(s *stream, cursor uint64, buf **[]byte, skipRetry bool) ([]byte, 
 }
 
 func pub(s *stream, id string, setsID bool, data string) {
-	s.publish(entryEvent, []byte(data), id, setsID, true)
+	s.append(entry{kind: entryEvent, wire: []byte(data), id: id, setsID: setsID, hasID: true})
 }
 
 func TestCollectCoalescesPendingEntries(t *testing.T) {
@@ -41,7 +41,7 @@ func TestCollectCoalescesPendingEntries(t *testing.T) {
 		t.Fatalf("nothing pending: %q %d", out, next)
 	}
 	// retry entries are skipped for clients whose handler overrides retry
-	s.publish(entryRetry, []byte("<r>"), "", false, false)
+	s.append(entry{kind: entryRetry, wire: []byte("<r>")})
 	pub(s, "5", true, "<5>")
 	if out, _, _, _, _ := collectAt(s, 4, new(*[]byte), true); string(out) != "<4><5>" {
 		t.Fatalf("skipRetry: %q", out)
@@ -128,29 +128,6 @@ func TestFindResumesAfterMostRecentEntrySettingTheID(t *testing.T) {
 	}
 	if got := c.hist.replayStart(5); got != 0 {
 		t.Fatalf("replayStart(5) = %d", got)
-	}
-}
-
-func TestStreamKeyNeverCollides(t *testing.T) {
-	vary := []string{"Authorization", "Cookie"}
-	keys := map[string]string{}
-	for name, hdr := range map[string]map[string][]string{
-		"none":          {},
-		"empty auth":    {"Authorization": {""}},
-		"auth a":        {"Authorization": {"a"}},
-		"auth a,b":      {"Authorization": {"a", "b"}},
-		"auth ab":       {"Authorization": {"ab"}},
-		"cookie a":      {"Cookie": {"a"}},
-		"auth a cookie": {"Authorization": {"a"}, "Cookie": {""}},
-	} {
-		k := streamKey("http://o/x", nil, vary, hdr)
-		if other, dup := keys[k]; dup {
-			t.Fatalf("%q and %q share a key", name, other)
-		}
-		keys[k] = name
-	}
-	if streamKey("http://o/x", nil, nil, map[string][]string{"Authorization": {"a"}}) != "http://o/x" {
-		t.Fatal("without vary, the key is the URL")
 	}
 }
 

@@ -2,6 +2,7 @@ package ssefanout
 
 import (
 	"context"
+	"fmt"
 	"net/http"
 	"net/url"
 	"slices"
@@ -30,8 +31,43 @@ type hubSettings struct {
 	idleTimeout  time.Duration
 }
 
+// diff names the first setting that differs, with both values.
+func (a hubSettings) diff(b hubSettings) (name string, va, vb any) {
+	switch {
+	case a.history != b.history:
+		return "history", a.history, b.history
+	case a.historyBytes != b.historyBytes:
+		return "history_bytes", a.historyBytes, b.historyBytes
+	case a.maxEventSize != b.maxEventSize:
+		return "max_event_size", a.maxEventSize, b.maxEventSize
+	case a.linger != b.linger:
+		return "linger", a.linger, b.linger
+	case a.maxStreams != b.maxStreams:
+		return "max_streams", a.maxStreams, b.maxStreams
+	case a.idleTimeout != b.idleTimeout:
+		return "upstream_idle_timeout", a.idleTimeout, b.idleTimeout
+	}
+	return "", nil, nil
+}
+
+// hubConfig is what one provisioned handler brings to the hub it shares:
+// the hub settings, the round tripper and the logger of its config, and
+// that config's lifetime. The hub holds these values, never the handler,
+// so that the pooled layer depends on nothing above it.
+type hubConfig struct {
+	settings hubSettings
+	rt       http.RoundTripper
+	logger   *zap.Logger
+	// done is the config's context's Done channel: it tells handlers of
+	// one config apart from those of another.
+	done <-chan struct{}
+}
+
 // hub is the shared state of every handler with the same identity: the
 // streams by key, and what their upstream requests are made with.
+//
+// Lock order: hub.mu before stream.mu. A stream's lock is never held while
+// taking its hub's.
 type hub struct {
 	tmpl     *upstreamTemplate
 	vary     []string
@@ -47,18 +83,15 @@ type hub struct {
 	exit     chan struct{}
 	exitOnce sync.Once
 
-	mu       sync.Mutex
-	streams  map[string]*stream
-	settings hubSettings
-	rt       http.RoundTripper
-	logger   *zap.Logger
-	// handlers are the provisioned handlers sharing this hub; active is the
-	// one whose settings, transport and logger are in force.
-	handlers []*Handler
-	active   *Handler
+	mu      sync.Mutex
+	streams map[string]*stream
+	// configs are those of the provisioned handlers sharing this hub,
+	// oldest first; active is the one in force.
+	configs []*hubConfig
+	active  *hubConfig
 }
 
-func newHub(tmpl *upstreamTemplate, vary []string, headerUp *headers.HeaderOps, rt http.RoundTripper, settings hubSettings, logger *zap.Logger) *hub {
+func newHub(tmpl *upstreamTemplate, vary []string, headerUp *headers.HeaderOps, first *hubConfig) *hub {
 	ctx, cancel := context.WithCancel(context.Background())
 	return &hub{
 		tmpl:     tmpl,
@@ -68,14 +101,14 @@ func newHub(tmpl *upstreamTemplate, vary []string, headerUp *headers.HeaderOps, 
 		cancel:   cancel,
 		exit:     make(chan struct{}),
 		streams:  make(map[string]*stream),
-		settings: settings,
-		rt:       rt,
-		logger:   logger,
+		// the hub is made with its first handler's settings and transport
+		active: first,
 	}
 }
 
 // Destruct ends every stream of the hub; the pool calls it when the last
-// config using the hub is cleaned up.
+// config using the hub is cleaned up. The streams' upstreams close at
+// once; their clients end in their configs' drain windows.
 func (h *hub) Destruct() error {
 	h.cancel()
 	h.mu.Lock()
@@ -88,67 +121,69 @@ func (h *hub) Destruct() error {
 	return nil
 }
 
-// propose registers a provisioned handler. Two handlers of one config that
-// share the hub must agree on its settings, since only one set can apply.
-func (h *hub) propose(ctx caddy.Context, hd *Handler) error {
+// propose registers a provisioned handler's config. Two handlers of one
+// config that share the hub must agree on its settings, since only one set
+// can apply.
+func (h *hub) propose(c *hubConfig) error {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	for _, other := range h.handlers {
-		if other.configDone == ctx.Done() && other.settings != hd.settings {
-			return errConflictingSettings
+	for _, other := range h.configs {
+		if other.done == c.done && other.settings != c.settings {
+			return h.conflictingSettings(other.settings, c.settings)
 		}
 	}
-	hd.configDone = ctx.Done()
-	h.handlers = append(h.handlers, hd)
-	if h.active == nil {
-		// the hub was made with this handler's settings and transport
-		h.active = hd
-	}
+	h.configs = append(h.configs, c)
 	return nil
 }
 
-// activate puts a handler's settings, transport and logger in force for
-// the hub and its existing streams, unless a newer config's handler is in
-// force already (an old config may still serve a request while it drains).
-func (h *hub) activate(hd *Handler) {
+// conflictingSettings says which setting two handlers of one config that
+// share this hub set differently, and what to do.
+func (h *hub) conflictingSettings(a, b hubSettings) error {
+	name, va, vb := a.diff(b)
+	return fmt.Errorf("two sse_fanout handlers for upstream %s with the same vary, header_up and transport share their streams, but one sets %s %v and the other %v: give both the same %s",
+		h.tmpl.raw, name, va, vb, name)
+}
+
+// activate puts a config's settings, transport and logger in force for the
+// hub and its existing streams, unless a newer config is in force already
+// (an old config may still serve a request while it drains).
+func (h *hub) activate(c *hubConfig) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	i := slices.Index(h.handlers, hd)
-	if i >= 0 && i >= slices.Index(h.handlers, h.active) {
-		h.activateLocked(hd)
+	i := slices.Index(h.configs, c)
+	if i >= 0 && i >= slices.Index(h.configs, h.active) {
+		h.activateLocked(c)
 	}
 }
 
-func (h *hub) activateLocked(hd *Handler) {
-	h.active = hd
-	h.settings = hd.settings
-	h.rt = hd.transport
-	h.logger = hd.logger
+func (h *hub) activateLocked(c *hubConfig) {
+	h.active = c
 	for _, s := range h.streams {
-		s.resize(hd.settings)
+		s.resize(c.settings)
 	}
 }
 
-// withdraw unregisters a handler whose config is being cleaned up. If it
-// was the active one, the newest remaining handler takes over, so that new
-// upstream requests never use a transport that was cleaned up. Caddy cleans
-// up an old config only after its successor started, and a config that
-// failed to load at once, so the newest remaining handler belongs to the
-// running config.
-func (h *hub) withdraw(hd *Handler) {
+// withdraw unregisters the config of a handler that is being cleaned up.
+// If it was the active one, the newest remaining config takes over, so that
+// new upstream requests never use a transport that was cleaned up. Caddy
+// cleans up an old config only after its successor started, and a config
+// that failed to load at once, so the newest remaining config is the
+// running one.
+func (h *hub) withdraw(c *hubConfig) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	h.handlers = slices.DeleteFunc(h.handlers, func(o *Handler) bool { return o == hd })
-	if h.active == hd && len(h.handlers) > 0 {
-		h.activateLocked(h.handlers[len(h.handlers)-1])
+	h.configs = slices.DeleteFunc(h.configs, func(o *hubConfig) bool { return o == c })
+	if h.active == c && len(h.configs) > 0 {
+		h.activateLocked(h.configs[len(h.configs)-1])
 	}
 }
 
-// transport returns the round tripper and logger in force.
-func (h *hub) transport() (http.RoundTripper, *zap.Logger, hubSettings) {
+// current returns the config in force: the settings, round tripper and
+// logger that new upstream requests and streams use.
+func (h *hub) current() hubConfig {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	return h.rt, h.logger, h.settings
+	return *h.active
 }
 
 // attach finds or creates the stream for key and counts a new client on
@@ -176,7 +211,7 @@ func (h *hub) attach(key string, target *url.URL, reqHeader http.Header, last la
 		if last.set {
 			initialID = last.id
 		}
-		s = newStream(h, key, target, h.forwardHeader(reqHeader), initialID, h.settings)
+		s = newStream(h, key, target, h.forwardHeader(reqHeader), initialID, h.active.settings)
 		if evicted != nil {
 			// connect once the closed stream's upstream is gone, so
 			// that the origin never sees more than max_streams
@@ -184,7 +219,7 @@ func (h *hub) attach(key string, target *url.URL, reqHeader http.Header, last la
 		}
 		h.streams[key] = s
 		metrics.streams.Inc()
-		go s.run()
+		go s.run(newUpstream(s))
 	}
 	if maxClients > 0 && s.clients >= maxClients {
 		return nil, 0, "max_clients"
@@ -198,7 +233,7 @@ func (h *hub) attach(key string, target *url.URL, reqHeader http.Header, last la
 // roomLocked reports whether one more stream may open, closing the stream
 // that has lingered longest when max_streams is reached, and returning it.
 func (h *hub) roomLocked() (evicted *stream, ok bool) {
-	if h.settings.maxStreams <= 0 || len(h.streams) < h.settings.maxStreams {
+	if max := h.active.settings.maxStreams; max <= 0 || len(h.streams) < max {
 		return nil, true
 	}
 	for _, s := range h.streams {
@@ -223,7 +258,7 @@ func (h *hub) detach(s *stream) {
 	if s.clients > 0 || h.streams[s.key] != s {
 		return
 	}
-	linger := h.settings.linger
+	linger := h.active.settings.linger
 	if linger <= 0 {
 		h.closeLocked(s)
 		return

@@ -3,7 +3,9 @@ package ssefanout
 import (
 	"context"
 	"fmt"
+	"net"
 	"net/http"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -98,7 +100,7 @@ func countHubStreams() int {
 // what it holds. 1,000 streams with history 100000 used to cost 5.6 MB each.
 func TestEmptyStreamsCostLittle(t *testing.T) {
 	set := hubSettings{history: 100000, historyBytes: 64 << 20, maxEventSize: 1 << 20, linger: time.Minute, maxStreams: -1}
-	h := newHub(nil, nil, nil, nil, set, nil)
+	h := newHub(nil, nil, nil, &hubConfig{settings: set})
 	defer h.Destruct()
 	before := heapInuse()
 	streams := make([]*stream, 0, 1000)
@@ -114,7 +116,7 @@ func TestEmptyStreamsCostLittle(t *testing.T) {
 	// and the ring still grows to what it is asked to hold
 	s := streams[0]
 	for i := range 5000 {
-		s.publish(entryEvent, []byte("data: x\n\n"), fmt.Sprint(i), true, true)
+		s.append(entry{kind: entryEvent, wire: []byte("data: x\n\n"), id: fmt.Sprint(i), setsID: true, hasID: true})
 	}
 	s.mu.RLock()
 	count := s.hist.count
@@ -157,5 +159,226 @@ func TestEmptyStreamsCostLittleEndToEnd(t *testing.T) {
 	t.Logf("heap per empty stream, with the proxy's client and upstream connections and the origin's side: %d KiB", perStream>>10)
 	if perStream > 96<<10 {
 		t.Errorf("an empty stream costs %d KiB of heap, want at most 96 KiB (its ring must not be allocated up front)", perStream>>10)
+	}
+}
+
+func TestLongLastEventID(t *testing.T) {
+	leakCheck(t)
+	o := newOrigin(t)
+	rec := recordRequests(t, o)
+	base := startCaddy(t, "sse_fanout "+o.URL+" {\n linger 100ms\n}")
+
+	atLimit := strings.Repeat("A", maxLastEventIDLen) // 1 KiB: honoured
+	over := strings.Repeat("B", maxLastEventIDLen+1)  // longer: treated as absent
+	a := connect(t, base+"/l", nil)
+	o.waitOpen(t, "/l", 1, 5*time.Second)
+	evAt := "id: " + atLimit + "\ndata: at-limit\n\n"
+	evOver := "id: " + over + "\ndata: over-limit\n\n"
+	o.send("/l", ev(1, "m1")+evAt+evOver+ev(4, "m4"))
+	a.waitFor(t, ev(4, "m4"), 5*time.Second)
+	if got, want := a.events(), ev(1, "m1")+evAt+evOver+ev(4, "m4"); got != want {
+		t.Fatalf("first client got %q, want %q", truncate(got, 300), truncate(want, 300))
+	}
+
+	// control: an id of exactly 1 KiB resumes from the history
+	ctl := connect(t, base+"/l", http.Header{"Last-Event-Id": {atLimit}})
+	ctl.waitFor(t, evOver+ev(4, "m4"), 5*time.Second)
+
+	// longer than 1 KiB: treated as absent, even though it is in the
+	// history; the client starts live with the committed id
+	long := connect(t, base+"/l", http.Header{"Last-Event-Id": {over}})
+	longQ := connect(t, base+"/l?lastEventId="+over, nil)
+	unknown := connect(t, base+"/l", http.Header{"Last-Event-Id": {strings.Repeat("z", 4096)}})
+	for _, c := range []*sseClient{long, longQ, unknown} {
+		c.waitFor(t, "id: 4\n\n", 5*time.Second)
+	}
+	o.send("/l", ev(5, "m5"))
+	for i, c := range []*sseClient{long, longQ, unknown} {
+		c.waitFor(t, ev(5, "m5"), 5*time.Second)
+		if got, want := c.events(), "id: 4\n\n"+ev(5, "m5"); got != want {
+			t.Fatalf("client %d with a Last-Event-ID over 1KiB got %q, want %q (live start, no history)", i, truncate(got, 300), want)
+		}
+	}
+	if got := o.total.Load(); got != 1 {
+		t.Fatalf("origin saw %d connections, want 1", got)
+	}
+
+	// a cold stream created with an over-long id does not pass it upstream
+	cold := connect(t, base+"/cold", http.Header{"Last-Event-Id": {over}})
+	o.waitOpen(t, "/cold", 1, 5*time.Second)
+	eventually(t, 5*time.Second, func() bool { return len(rec.byPath("/cold")) == 1 }, func() string { return "no request for /cold recorded" })
+	if got := rec.byPath("/cold")[0].Header.Values("Last-Event-Id"); len(got) != 0 {
+		t.Fatalf("an over-long Last-Event-ID reached the origin (%d values, first %d bytes)", len(got), len(got[0]))
+	}
+	o.send("/cold", "data: cold\n\n")
+	cold.waitFor(t, "data: cold\n\n", 5*time.Second)
+	if got := cold.events(); got != "data: cold\n\n" {
+		t.Fatalf("cold client got %q, want a plain event with no inherited id", truncate(got, 300))
+	}
+}
+
+func TestManyQueryStrings(t *testing.T) {
+	leakCheck(t)
+	o := newOrigin(t)
+	base := startCaddy(t, "sse_fanout "+o.URL+" {\n max_streams 50\n linger 1m\n keepalive 1m\n}")
+
+	tr := &http.Transport{
+		DisableCompression:  true,
+		MaxIdleConnsPerHost: 16,
+		DialContext:         (&net.Dialer{Timeout: 5 * time.Second}).DialContext,
+	}
+	defer tr.CloseIdleConnections()
+
+	var maxOpen atomic.Int64
+	sampleStop := make(chan struct{})
+	sampleDone := make(chan struct{})
+	go func() {
+		defer close(sampleDone)
+		for {
+			if v := int64(o.openTotal()); v > maxOpen.Load() {
+				maxOpen.Store(v)
+			}
+			select {
+			case <-sampleStop:
+				return
+			case <-time.After(2 * time.Millisecond):
+			}
+		}
+	}()
+
+	const total, workers = 10000, 4
+	start := time.Now()
+	jobs := make(chan int)
+	var accepted, refusedES, refused503 atomic.Int64
+	var failed atomic.Int64
+	var firstErr atomic.Pointer[string]
+	fail := func(msg string) {
+		failed.Add(1)
+		firstErr.CompareAndSwap(nil, &msg)
+	}
+	var heldMu sync.Mutex
+	var held []func()
+	defer func() {
+		for _, release := range held {
+			release()
+		}
+	}()
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Go(func() {
+			for i := range jobs {
+				// every tenth request is not an EventSource's
+				accept := i%10 != 9
+				resp, cancel, err := getWithin(tr, fmt.Sprintf("%s/q?n=%d", base, i), accept, time.Minute)
+				if err != nil {
+					fail(fmt.Sprintf("request %d: %v", i, err))
+					continue
+				}
+				switch {
+				case resp.Header.Get("X-Origin") == "yes":
+					// accepted: a live stream, held to the end, so that
+					// its stream keeps its slot (a stream whose clients
+					// all left would make room for a new one)
+					accepted.Add(1)
+					if resp.StatusCode != 200 {
+						fail(fmt.Sprintf("request %d accepted with status %d", i, resp.StatusCode))
+					}
+					heldMu.Lock()
+					held = append(held, func() { cancel(); resp.Body.Close() })
+					heldMu.Unlock()
+					continue
+				case accept:
+					refusedES.Add(1)
+					if err := checkRefusal(resp); err != nil {
+						fail(fmt.Sprintf("request %d: %v", i, err))
+					}
+				default:
+					refused503.Add(1)
+					if err := check503(resp); err != nil {
+						fail(fmt.Sprintf("request %d: %v", i, err))
+					}
+				}
+				cancel()
+			}
+		})
+	}
+	for i := range total {
+		jobs <- i
+	}
+	close(jobs)
+	wg.Wait()
+	close(sampleStop)
+	<-sampleDone
+	t.Logf("%d requests with distinct queries in %v: %d accepted, %d refused with retry:, %d refused with 503; origin: %d connections, at most %d open at once",
+		total, time.Since(start).Round(time.Millisecond), accepted.Load(), refusedES.Load(), refused503.Load(), o.total.Load(), maxOpen.Load())
+	if n := failed.Load(); n > 0 {
+		t.Fatalf("%d requests failed, first: %s", n, *firstErr.Load())
+	}
+	if got := maxOpen.Load(); got > 50 {
+		t.Fatalf("origin had %d connections open at once, want at most max_streams (50)", got)
+	}
+	if got := o.total.Load(); got > 50 {
+		t.Fatalf("origin saw %d connections in all, want at most 50 (no stream with clients closes)", got)
+	}
+	if got := accepted.Load(); got != 50 {
+		t.Fatalf("%d requests were accepted, want exactly max_streams (50)", got)
+	}
+	if refusedES.Load() == 0 || refused503.Load() == 0 {
+		t.Fatalf("both kinds of refusal should have been seen")
+	}
+	// a request for an existing stream is still served
+	c := connect(t, base+"/q?n=0", nil)
+	if c.resp.Header.Get("X-Origin") != "yes" {
+		t.Fatalf("a client of an existing stream was refused at max_streams: %v", c.resp.Header)
+	}
+}
+
+func TestMaxClients(t *testing.T) {
+	leakCheck(t)
+	o := newOrigin(t)
+	base := startCaddy(t, "sse_fanout "+o.URL+" {\n max_clients 3\n linger 100ms\n keepalive 1m\n}")
+
+	var cs []*sseClient
+	for range 3 {
+		cs = append(cs, connect(t, base+"/m", nil))
+	}
+	o.waitOpen(t, "/m", 1, 5*time.Second)
+	o.send("/m", ev(1, "one"))
+
+	resp, cancel, err := getWithin(sharedTransport, base+"/m", true, 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := checkRefusal(resp); err != nil {
+		t.Fatalf("4th EventSource client: %v", err)
+	}
+	cancel()
+	resp, cancel, err = getWithin(sharedTransport, base+"/m", false, 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := check503(resp); err != nil {
+		t.Fatalf("4th plain client: %v", err)
+	}
+	cancel()
+
+	o.send("/m", ev(2, "two"))
+	for i, c := range cs {
+		c.waitFor(t, ev(2, "two"), 5*time.Second)
+		if got := c.events(); got != ev(1, "one")+ev(2, "two") || c.ended() {
+			t.Fatalf("existing client %d: got %q (ended %v)", i, got, c.ended())
+		}
+	}
+	// a freed place is taken again
+	s := findStream(t, "/m")
+	cs[0].close()
+	eventually(t, 5*time.Second, func() bool { return clientCount(s) == 2 }, func() string { return "client did not detach" })
+	again := connect(t, base+"/m", nil)
+	if again.resp.Header.Get("X-Origin") != "yes" {
+		t.Fatalf("client refused after a place was freed: %v", again.resp.Header)
+	}
+	again.waitFor(t, "id: 2\n\n", 5*time.Second)
+	if got := o.total.Load(); got != 1 {
+		t.Fatalf("origin saw %d connections, want 1", got)
 	}
 }

@@ -7,6 +7,12 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 )
 
+// The metrics' names: caddy_sse_fanout_<name>.
+const (
+	metricsNamespace = "caddy"
+	metricsSubsystem = "sse_fanout"
+)
+
 // metrics are process-wide, like the hubs they describe: created once and
 // registered with each config's registry. Labels take a handful of fixed
 // values; stream URLs never become labels.
@@ -21,42 +27,47 @@ var metrics = struct {
 	refused        *prometheus.CounterVec
 	resumes        *prometheus.CounterVec
 }{
-	streams: prometheus.NewGauge(prometheus.GaugeOpts{
-		Namespace: "caddy", Subsystem: "sse_fanout", Name: "streams",
-		Help: "Streams held open, each with one upstream (connected or retrying).",
-	}),
-	clients: prometheus.NewGauge(prometheus.GaugeOpts{
-		Namespace: "caddy", Subsystem: "sse_fanout", Name: "clients",
-		Help: "Clients attached to a stream.",
-	}),
-	upstreamConns: prometheus.NewGauge(prometheus.GaugeOpts{
-		Namespace: "caddy", Subsystem: "sse_fanout", Name: "upstream_connections",
-		Help: "Upstream event-stream responses being read.",
-	}),
-	attempts: prometheus.NewCounterVec(prometheus.CounterOpts{
-		Namespace: "caddy", Subsystem: "sse_fanout", Name: "upstream_attempts_total",
-		Help: "Upstream requests by outcome: stream, transient (unreachable, 429, 502, 503, 504), permanent (any other answer).",
-	}, []string{"outcome"}),
-	events: prometheus.NewCounter(prometheus.CounterOpts{
-		Namespace: "caddy", Subsystem: "sse_fanout", Name: "events_total",
-		Help: "Events received from upstreams (each fanned out to every client of its stream).",
-	}),
-	eventsSkipped: prometheus.NewCounter(prometheus.CounterOpts{
-		Namespace: "caddy", Subsystem: "sse_fanout", Name: "events_skipped_total",
-		Help: "Upstream events skipped for being larger than max_event_size.",
-	}),
-	clientsDropped: prometheus.NewCounterVec(prometheus.CounterOpts{
-		Namespace: "caddy", Subsystem: "sse_fanout", Name: "clients_dropped_total",
-		Help: "Clients disconnected by the proxy: lagging (more than 3/4 of the history behind) or write (a write failed or timed out).",
-	}, []string{"reason"}),
-	refused: prometheus.NewCounterVec(prometheus.CounterOpts{
-		Namespace: "caddy", Subsystem: "sse_fanout", Name: "requests_refused_total",
-		Help: "Requests turned away by a limit: max_clients or max_streams.",
-	}, []string{"limit"}),
-	resumes: prometheus.NewCounterVec(prometheus.CounterOpts{
-		Namespace: "caddy", Subsystem: "sse_fanout", Name: "resumes_total",
-		Help: "Clients that sent Last-Event-ID, by whether it was found in the history.",
-	}, []string{"result"}),
+	streams: newGauge("streams",
+		"Streams held open, each with one upstream (connected or retrying)."),
+	clients: newGauge("clients",
+		"Clients attached to a stream."),
+	upstreamConns: newGauge("upstream_connections",
+		"Upstream event-stream responses being read."),
+	attempts: newCounterVec("upstream_attempts_total",
+		"Upstream requests by outcome: stream, transient (unreachable, 429, 502, 503, 504), permanent (any other answer).",
+		"outcome", "stream", "transient", "permanent"),
+	events: newCounter("events_total",
+		"Events received from upstreams (each fanned out to every client of its stream)."),
+	eventsSkipped: newCounter("events_skipped_total",
+		"Upstream events skipped for being larger than max_event_size."),
+	clientsDropped: newCounterVec("clients_dropped_total",
+		"Clients disconnected by the proxy: lagging (more than 3/4 of the history behind) or write_timeout (a write stayed blocked for write_timeout).",
+		"reason", "lagging", "write_timeout"),
+	refused: newCounterVec("requests_refused_total",
+		"Requests turned away by a limit: max_clients or max_streams.",
+		"limit", "max_clients", "max_streams"),
+	resumes: newCounterVec("resumes_total",
+		"Clients that sent Last-Event-ID, by whether it was found in the history.",
+		"result", "history", "live"),
+}
+
+func newGauge(name, help string) prometheus.Gauge {
+	return prometheus.NewGauge(prometheus.GaugeOpts{Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: name, Help: help})
+}
+
+func newCounter(name, help string) prometheus.Counter {
+	return prometheus.NewCounter(prometheus.CounterOpts{Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: name, Help: help})
+}
+
+// newCounterVec makes a counter with one label, and creates each of its
+// values at zero, so that dashboards and alerts see every series from the
+// start rather than after its first event.
+func newCounterVec(name, help, label string, values ...string) *prometheus.CounterVec {
+	c := prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: name, Help: help}, []string{label})
+	for _, v := range values {
+		c.WithLabelValues(v)
+	}
+	return c
 }
 
 // registerMetrics adds the collectors to a config's registry; the same

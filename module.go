@@ -55,8 +55,6 @@ const (
 	refusalRetrySpread    = 5000
 )
 
-var errConflictingSettings = errors.New("two sse_fanout handlers with the same upstream, vary, header_up and transport must have the same history, history_bytes, max_event_size, linger, max_streams and upstream_idle_timeout, since they share their streams")
-
 // Handler is the sse_fanout HTTP handler. It serves Server-Sent Events
 // from a shared upstream connection per stream.
 type Handler struct {
@@ -173,10 +171,9 @@ type Handler struct {
 	hub           *hub
 	hubKey        string
 	hubRef        bool
-	settings      hubSettings
-	logger        *zap.Logger
-	// configDone identifies the config this handler belongs to.
-	configDone <-chan struct{}
+	// hubCfg is what this handler brings to its hub.
+	hubCfg *hubConfig
+	logger *zap.Logger
 	// stopping is closed when this config's server begins to shut down.
 	stopping chan struct{}
 	state    *handlerState
@@ -222,27 +219,32 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("provisioning transport: %v", err)
 	}
 
-	h.settings = hubSettings{
-		history:      h.History,
-		historyBytes: h.HistoryBytes,
-		maxEventSize: h.MaxEventSize,
-		linger:       time.Duration(h.Linger),
-		maxStreams:   h.MaxStreams,
-		idleTimeout:  time.Duration(h.UpstreamIdleTimeout),
+	h.hubCfg = &hubConfig{
+		settings: hubSettings{
+			history:      h.History,
+			historyBytes: h.HistoryBytes,
+			maxEventSize: h.MaxEventSize,
+			linger:       time.Duration(h.Linger),
+			maxStreams:   h.MaxStreams,
+			idleTimeout:  time.Duration(h.UpstreamIdleTimeout),
+		},
+		rt:     h.transport,
+		logger: h.logger,
+		done:   ctx.Done(),
 	}
 	h.hubKey, err = h.identity()
 	if err != nil {
 		return err
 	}
 	val, _, err := hubs.LoadOrNew(h.hubKey, func() (caddy.Destructor, error) {
-		return newHub(tmpl, h.Vary, h.HeaderUp, h.transport, h.settings, h.logger), nil
+		return newHub(tmpl, h.Vary, h.HeaderUp, h.hubCfg), nil
 	})
 	if err != nil {
 		return fmt.Errorf("loading shared state: %v", err)
 	}
 	h.hubRef = true
 	h.hub = val.(*hub)
-	if err := h.hub.propose(ctx, h); err != nil {
+	if err := h.hub.propose(h.hubCfg); err != nil {
 		return err
 	}
 
@@ -289,54 +291,137 @@ func setDefault[T comparable](v *T, def T) {
 func (h *Handler) Validate() error {
 	switch {
 	case h.Upstream == "":
-		return fmt.Errorf("upstream: an upstream base URL is required, e.g. http://127.0.0.1:3000")
+		return badOption("upstream: an upstream base URL is required, e.g. http://127.0.0.1:3000", "upstream")
 	case h.History < 1:
-		return fmt.Errorf("history: must be at least 1, got %d", h.History)
+		return badOption(fmt.Sprintf("history: must be at least 1, got %d", h.History), "history")
 	case h.MaxEventSize < 1:
-		return fmt.Errorf("max_event_size: must be positive, got %d", h.MaxEventSize)
+		return badOption(fmt.Sprintf("max_event_size: must be positive, got %d", h.MaxEventSize), "max_event_size")
 	case h.HistoryBytes < h.MaxEventSize:
-		return fmt.Errorf("history_bytes (%d) must be at least max_event_size (%d): raise history_bytes or lower max_event_size", h.HistoryBytes, h.MaxEventSize)
+		return badOption(fmt.Sprintf("history_bytes (%d) must be at least max_event_size (%d): raise history_bytes or lower max_event_size", h.HistoryBytes, h.MaxEventSize), "history_bytes", "max_event_size")
 	case h.Replay < 0 || h.Replay > h.History:
-		return fmt.Errorf("replay: must be between 0 and history (%d), got %d", h.History, h.Replay)
+		return badOption(fmt.Sprintf("replay: must be between 0 and history (%d), got %d", h.History, h.Replay), "replay", "history")
 	case h.MaxClients < 0:
-		return fmt.Errorf("max_clients: must not be negative (0 means no limit), got %d", h.MaxClients)
+		return badOption(fmt.Sprintf("max_clients: must not be negative (0 means no limit), got %d", h.MaxClients), "max_clients")
 	case h.WriteTimeout < 0:
-		return fmt.Errorf("write_timeout: must not be negative")
+		return badOption("write_timeout: must not be negative", "write_timeout")
 	case h.StatusWait < 0:
-		return fmt.Errorf("status_wait: must not be negative")
+		return badOption("status_wait: must not be negative", "status_wait")
 	case h.Retry < 0:
-		return fmt.Errorf("retry: must not be negative")
+		return badOption("retry: must not be negative", "retry")
 	case h.UpstreamIdleTimeout < 0:
-		return fmt.Errorf("upstream_idle_timeout: must not be negative")
+		return badOption("upstream_idle_timeout: must not be negative", "upstream_idle_timeout")
 	case h.Drain < 0:
-		return fmt.Errorf("drain: must not be negative")
+		return badOption("drain: must not be negative", "drain")
+	}
+	for _, name := range h.Vary {
+		if err := checkVaryName(name); err != nil {
+			return badOption(err.Error(), "vary")
+		}
+	}
+	if ops := h.HeaderUp; ops != nil {
+		if len(ops.Replace) > 0 {
+			return badOption("header_up: replace operations are not supported; the upstream request carries no client header to edit (use vary to forward one)", "header_up")
+		}
+		for _, hdr := range []http.Header{ops.Set, ops.Add} {
+			for name, vals := range hdr {
+				for _, v := range vals {
+					if err := checkHeaderUp(name, v); err != nil {
+						return badOption(err.Error(), "header_up")
+					}
+				}
+			}
+		}
+		for _, name := range ops.Delete {
+			if err := checkHeaderUp(name, ""); err != nil {
+				return badOption(err.Error(), "header_up")
+			}
+		}
+	}
+	if h.TransportRaw != nil {
+		if err := checkTransport(h.TransportRaw); err != nil {
+			return badOption(err.Error(), "transport")
+		}
 	}
 	return nil
 }
 
-// provisionHeaderUp checks that header_up uses no request placeholder and
-// resolves its values once, for every upstream request of the hub.
+// optionError is a bad option value. options names the options involved,
+// the one to change first, so that the Caddyfile reports its line.
+type optionError struct {
+	options []string
+	msg     string
+}
+
+func (e *optionError) Error() string { return e.msg }
+
+func badOption(msg string, options ...string) error {
+	return &optionError{options: options, msg: msg}
+}
+
+// checkHeaderUp refuses request placeholders in a header_up field: one
+// upstream request serves many clients, so the first client's value would
+// go to everyone.
+func checkHeaderUp(name, value string) error {
+	if p := requestPlaceholder(name); p != "" {
+		return fmt.Errorf("header_up %s: placeholders are not allowed in field names", name)
+	}
+	if p := requestPlaceholder(value); p != "" {
+		return fmt.Errorf("header_up %s: placeholder %s depends on the request, but one upstream request serves many clients; forward the client's header with 'vary %s' instead (only {env.*}, {file.*} and {system.*} are allowed here)", name, p, name)
+	}
+	return nil
+}
+
+// checkVaryName refuses what cannot be a vary header: not a field name,
+// or a field the proxy sets itself or that never reaches the origin as a
+// client sent it.
+func checkVaryName(name string) error {
+	if name == "" || strings.ContainsAny(name, "{}: ") {
+		return fmt.Errorf("vary: %q is not a header name", name)
+	}
+	switch http.CanonicalHeaderKey(name) {
+	case "Host":
+		return fmt.Errorf("vary: Host does not reach the origin (the upstream's host comes from its URL); to set the upstream request's Host, use 'header_up Host <value>'")
+	case "Last-Event-Id":
+		return fmt.Errorf("vary: Last-Event-ID is the client's resume point, which the proxy answers from the history and sends upstream itself; it cannot split streams")
+	case "Connection", "Keep-Alive", "Proxy-Connection", "Te", "Trailer", "Transfer-Encoding", "Upgrade":
+		return fmt.Errorf("vary: %s is a hop-by-hop header and never reaches the origin", name)
+	}
+	return nil
+}
+
+// checkTransport accepts only Caddy's http transport, without
+// proxy_protocol: a shared upstream connection carries no single client's
+// address.
+func checkTransport(raw json.RawMessage) error {
+	var probe struct {
+		Protocol      string `json:"protocol"`
+		ProxyProtocol string `json:"proxy_protocol"`
+	}
+	if err := json.Unmarshal(raw, &probe); err != nil {
+		return fmt.Errorf("transport: %v", err)
+	}
+	if probe.Protocol != "http" {
+		return fmt.Errorf("transport: only the \"http\" protocol is supported, got %q", probe.Protocol)
+	}
+	if probe.ProxyProtocol != "" {
+		return errors.New("transport: proxy_protocol is not supported: a shared upstream connection carries no single client's address")
+	}
+	return nil
+}
+
+// provisionHeaderUp resolves header_up's values once, for every upstream
+// request of the hub.
 func (h *Handler) provisionHeaderUp(ctx caddy.Context) error {
 	if h.HeaderUp == nil {
 		return nil
 	}
-	if len(h.HeaderUp.Replace) > 0 {
-		return fmt.Errorf("header_up: replace operations are not supported; the upstream request carries no client header to edit (use vary to forward one)")
-	}
+	// Validate has refused request placeholders
 	repl := caddy.NewReplacer()
 	for _, hdr := range []http.Header{h.HeaderUp.Set, h.HeaderUp.Add} {
-		for name, vals := range hdr {
+		for _, vals := range hdr {
 			for i, v := range vals {
-				if p := requestPlaceholder(v); p != "" {
-					return fmt.Errorf("header_up %s: placeholder %s depends on the request, but one upstream request serves many clients; forward the client's header with 'vary %s' instead", name, p, name)
-				}
 				vals[i] = repl.ReplaceAll(v, "")
 			}
-		}
-	}
-	for _, name := range h.HeaderUp.Delete {
-		if requestPlaceholder(name) != "" {
-			return fmt.Errorf("header_up -%s: placeholders are not allowed in field names", name)
 		}
 	}
 	return h.HeaderUp.Provision(ctx)
@@ -348,12 +433,12 @@ func (h *Handler) provisionTransport(ctx caddy.Context) error {
 	if h.TransportRaw == nil {
 		h.TransportRaw = json.RawMessage(`{"protocol":"http"}`)
 	}
+	if err := checkTransport(h.TransportRaw); err != nil {
+		return err
+	}
 	var probe reverseproxy.HTTPTransport
 	if err := json.Unmarshal(h.TransportRaw, &probe); err != nil {
 		return err
-	}
-	if probe.ProxyProtocol != "" {
-		return fmt.Errorf("proxy_protocol is not supported: a shared upstream connection carries no single client's address")
 	}
 	if probe.ResponseHeaderTimeout == 0 {
 		var fields map[string]json.RawMessage
@@ -406,7 +491,7 @@ func (h *Handler) Cleanup() error {
 		forgetConns(h.server)
 	}
 	if h.hub != nil {
-		h.hub.withdraw(h)
+		h.hub.withdraw(h.hubCfg)
 	}
 	if h.hubRef {
 		h.hubRef = false
@@ -507,7 +592,7 @@ func (h *Handler) activate() {
 	if h.state.activated.Swap(true) {
 		return
 	}
-	h.hub.activate(h)
+	h.hub.activate(h.hubCfg)
 }
 
 // setStreamHeaders sets the headers of every event-stream response.

@@ -63,50 +63,74 @@ func reloadConfig(port int, upstream, opts string) string {
 	return caddyfileFor(port, fmt.Sprintf("sse_fanout %s {\n%s\n}", upstream, opts))
 }
 
-func TestReloadKeepsStreams(t *testing.T) {
-	leakCheck(t)
-	o := newOrigin(t)
-	port := freePort(t)
-	loadCaddyfile(t, reloadConfig(port, o.URL, "keepalive 10s\nlinger 5s\ndrain 1s"))
+// startReloadable starts Caddy with one sse_fanout handler on a port of
+// its own, so that a later loadCaddyfile(reloadConfig(port, ...)) is a
+// reload of the same site.
+func startReloadable(t *testing.T, upstream, opts string) (port int, base string) {
+	port = freePort(t)
+	loadCaddyfile(t, reloadConfig(port, upstream, opts))
 	t.Cleanup(func() { _ = caddy.Stop() })
-	base := fmt.Sprintf("http://127.0.0.1:%d", port)
+	base = fmt.Sprintf("http://127.0.0.1:%d", port)
 	waitUp(t, base)
+	return port, base
+}
 
-	const n = 50
+// attachEventSources starts n reconnecting clients of base+path and waits
+// until the origin has the stream open and all n are attached to it.
+func attachEventSources(t *testing.T, o *origin, base, path string, n int) []*eventSource {
 	rt := newClientTransport()
-	defer rt.CloseIdleConnections()
+	t.Cleanup(rt.CloseIdleConnections)
 	var clients []*eventSource
 	for range n {
-		clients = append(clients, newEventSource(t, rt, base+"/r"))
+		clients = append(clients, newEventSource(t, rt, base+path))
 	}
-	o.waitOpen(t, "/r", 1, 5*time.Second)
-	s := findStream(t, "/r")
+	o.waitOpen(t, path, 1, 5*time.Second)
+	s := findStream(t, path)
 	eventually(t, 10*time.Second, func() bool { return clientCount(s) == n }, func() string {
 		return fmt.Sprintf("%d of %d clients attached", clientCount(s), n)
 	})
+	return clients
+}
+
+// waitFirstEnds waits until every client's first stream has ended, and
+// returns the earliest and the latest of those ends, counted from since.
+func waitFirstEnds(t *testing.T, clients []*eventSource, since time.Time, within time.Duration) (first, last time.Duration) {
+	ended := func(c *eventSource) bool {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		return len(c.ends) > 0
+	}
+	eventually(t, within, func() bool {
+		for _, c := range clients {
+			if !ended(c) {
+				return false
+			}
+		}
+		return true
+	}, func() string { return fmt.Sprintf("not every client's stream ended within %v", within) })
+	first = time.Duration(1 << 62)
+	for _, c := range clients {
+		c.mu.Lock()
+		d := c.ends[0].Sub(since)
+		c.mu.Unlock()
+		first, last = min(first, d), max(last, d)
+	}
+	return first, last
+}
+
+func TestReloadKeepsStreams(t *testing.T) {
+	leakCheck(t)
+	o := newOrigin(t)
+	port, base := startReloadable(t, o.URL, "keepalive 10s\nlinger 5s\ndrain 1s")
+	const n = 50
+	clients := attachEventSources(t, o, base, "/r", n)
 	pub := startPublisher(o, "/r", 20*time.Millisecond)
 	time.Sleep(300 * time.Millisecond)
 
 	reloaded := time.Now()
 	loadCaddyfile(t, reloadConfig(port, o.URL, "keepalive 11s\nlinger 5s\ndrain 1s"))
 	// every client's stream ends within the drain window (plus slack) ...
-	eventually(t, 6*time.Second, func() bool {
-		for _, c := range clients {
-			c.mu.Lock()
-			ended := len(c.ends) > 0
-			c.mu.Unlock()
-			if !ended {
-				return false
-			}
-		}
-		return true
-	}, func() string { return "not every client's stream was ended by the reload within 6s" })
-	var spread time.Duration
-	for _, c := range clients {
-		c.mu.Lock()
-		spread = max(spread, c.ends[0].Sub(reloaded))
-		c.mu.Unlock()
-	}
+	_, spread := waitFirstEnds(t, clients, reloaded, 6*time.Second)
 	t.Logf("all %d streams ended within %v of the reload", n, spread.Round(time.Millisecond))
 	// ... and each reconnects with its Last-Event-ID
 	eventually(t, 10*time.Second, func() bool {
@@ -206,7 +230,7 @@ func TestFailedReloadChangesNothing(t *testing.T) {
 	if ringLen != 100 {
 		t.Fatalf("failed config changed the stream's history limit to %d", ringLen)
 	}
-	if got := s.hub.settings.history; got != 100 {
+	if got := s.hub.current().settings.history; got != 100 {
 		t.Fatalf("failed config changed the hub's history setting to %d", got)
 	}
 	o.send("/f", ev(1, "still"))
@@ -309,25 +333,10 @@ func TestTransportIsPartOfIdentity(t *testing.T) {
 func TestIdentityChangeDrains(t *testing.T) {
 	leakCheck(t)
 	o := newOrigin(t)
-	port := freePort(t)
 	rec := recordRequests(t, o)
-	loadCaddyfile(t, reloadConfig(port, o.URL, "header_up X-Key one\nlinger 5s\ndrain 2s"))
-	t.Cleanup(func() { _ = caddy.Stop() })
-	base := fmt.Sprintf("http://127.0.0.1:%d", port)
-	waitUp(t, base)
-
+	port, base := startReloadable(t, o.URL, "header_up X-Key one\nlinger 5s\ndrain 2s")
 	const n = 100
-	rt := newClientTransport()
-	defer rt.CloseIdleConnections()
-	var clients []*eventSource
-	for range n {
-		clients = append(clients, newEventSource(t, rt, base+"/i"))
-	}
-	o.waitOpen(t, "/i", 1, 5*time.Second)
-	s := findStream(t, "/i")
-	eventually(t, 10*time.Second, func() bool { return clientCount(s) == n }, func() string {
-		return fmt.Sprintf("%d of %d clients attached", clientCount(s), n)
-	})
+	clients := attachEventSources(t, o, base, "/i", n)
 	o.send("/i", ev(1, "before"))
 	for _, c := range clients {
 		eventually(t, 5*time.Second, func() bool { got, _ := c.snapshot(); return len(got) == 1 }, func() string { return "event 1 not received" })
@@ -335,24 +344,7 @@ func TestIdentityChangeDrains(t *testing.T) {
 
 	reloaded := time.Now()
 	loadCaddyfile(t, reloadConfig(port, o.URL, "header_up X-Key two\nlinger 5s\ndrain 2s"))
-	eventually(t, 8*time.Second, func() bool {
-		for _, c := range clients {
-			c.mu.Lock()
-			ended := len(c.ends) > 0
-			c.mu.Unlock()
-			if !ended {
-				return false
-			}
-		}
-		return true
-	}, func() string { return "not every client's stream ended within 8 s of the reload" })
-	first, last := time.Duration(1<<62), time.Duration(0)
-	for _, c := range clients {
-		c.mu.Lock()
-		d := c.ends[0].Sub(reloaded)
-		c.mu.Unlock()
-		first, last = min(first, d), max(last, d)
-	}
+	first, last := waitFirstEnds(t, clients, reloaded, 8*time.Second)
 	t.Logf("the %d streams ended between %v and %v after the reload", n, first.Round(time.Millisecond), last.Round(time.Millisecond))
 	if last-first < time.Second {
 		t.Errorf("clients ended within %v of each other, want them spread over the 2 s drain", (last - first).Round(time.Millisecond))

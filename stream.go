@@ -23,6 +23,21 @@ const (
 	stateFinal
 )
 
+// String names the state as the admin view shows it.
+func (st streamState) String() string {
+	switch st {
+	case stateConnecting:
+		return "connecting"
+	case stateLive:
+		return "live"
+	case stateRetrying:
+		return "retrying"
+	case stateFinal:
+		return "final"
+	}
+	return "unknown"
+}
+
 // finalAnswer is a permanent origin answer passed on to waiting clients.
 type finalAnswer struct {
 	status int
@@ -64,6 +79,8 @@ type stream struct {
 	// lingered longest makes room when max_streams is reached.
 	lingerSince time.Time
 
+	// mu guards what follows. Lock order: hub.mu before mu; a stream
+	// never takes its hub's lock while holding its own.
 	mu         sync.RWMutex
 	hist       history
 	wake       chan struct{} // closed and replaced on every publish
@@ -110,14 +127,34 @@ func (s *stream) resize(set hubSettings) {
 	s.hist.resize(set.history, set.historyBytes)
 }
 
-// publish appends an entry to the history and wakes every client.
-func (s *stream) publish(kind entryKind, wire []byte, id string, setsID, hasID bool) {
+// run feeds the stream from src until the stream is closed or the origin
+// gives its final answer, then takes the stream out of its hub.
+func (s *stream) run(src source) {
+	defer func() {
+		s.hub.remove(s)
+		close(s.done)
+		s.signal() // clients see done
+	}()
+	if s.after != nil {
+		select {
+		case <-s.after:
+		case <-s.ctx.Done():
+			return
+		}
+	}
+	src.run(s.ctx, s)
+}
+
+// append adds an entry to the history and wakes every client. It never
+// writes to a client.
+func (s *stream) append(e entry) {
 	s.mu.Lock()
-	s.hist.append(entry{wire: wire, id: id, setsID: setsID, kind: kind})
-	if kind == entryRetry { // a retry line carries no id of its own
+	s.hist.append(e)
+	if e.kind == entryRetry { // a retry line carries no id of its own
+		s.retry, s.hasRetry = e.retry, true
 		s.retryNext = s.hist.head
 	} else {
-		s.lastID, s.hasID = id, hasID
+		s.lastID, s.hasID = e.id, e.hasID
 	}
 	wake := s.wake
 	s.wake = make(chan struct{})
@@ -135,16 +172,16 @@ func (s *stream) signal() {
 	close(wake)
 }
 
-// setState records where the upstream stands; the first answer, whatever
-// it is, releases the clients waiting for it.
-func (s *stream) setState(st streamState, respHeader http.Header, final *finalAnswer) {
+// answer records how the origin answered; the first answer, whatever it
+// is, releases the clients waiting for it.
+func (s *stream) answer(a answer) {
 	s.mu.Lock()
-	s.state = st
-	if respHeader != nil {
-		s.respHeader = respHeader
+	s.state = a.state
+	if a.header != nil {
+		s.respHeader = a.header
 	}
-	if final != nil {
-		s.final = final
+	if a.final != nil {
+		s.final = a.final
 	}
 	s.mu.Unlock()
 	select {
@@ -152,13 +189,6 @@ func (s *stream) setState(st streamState, respHeader http.Header, final *finalAn
 	default:
 		close(s.ready)
 	}
-}
-
-// setRetry records the origin's reconnection time.
-func (s *stream) setRetry(ms int64) {
-	s.mu.Lock()
-	s.retry, s.hasRetry = ms, true
-	s.mu.Unlock()
 }
 
 // ended reports whether the stream is over for good (the origin's final

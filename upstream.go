@@ -50,44 +50,54 @@ type outcome struct {
 	err        error
 }
 
-// run is the stream's upstream loop: connect, read, and reconnect with
-// Last-Event-ID after any end that is not permanent, until the stream is
-// closed.
-func (s *stream) run() {
-	defer func() {
-		s.hub.remove(s)
-		close(s.done)
-		s.signal() // clients see done
-	}()
-	if s.after != nil {
-		select {
-		case <-s.after:
-		case <-s.ctx.Done():
-			return
-		}
-	}
-	_, _, set := s.hub.transport()
-	p := newParser(int(set.maxEventSize))
+// upstream is the source of a stream on a single node: one request at a
+// time to the origin, its body re-parsed as a browser would, reconnecting
+// with Last-Event-ID after any end that is not final.
+type upstream struct {
+	// hub gives the transport, logger and settings in force, and the
+	// header_up operations.
+	hub    *hub
+	target *url.URL
+	header http.Header // the vary headers sent upstream
+	name   string      // the stream's hash, for logs
+	// resume is the Last-Event-ID to send until the origin commits an id
+	// of its own (the id of the client that created the stream).
+	resume string
+
+	// retry is the origin's latest retry; the reconnect delay follows it.
+	retry    int64
+	hasRetry bool
+}
+
+// newUpstream returns the upstream source of stream s.
+func newUpstream(s *stream) *upstream {
+	return &upstream{hub: s.hub, target: s.target, header: s.header, name: s.name, resume: s.initialID}
+}
+
+// run connects, reads, and reconnects with Last-Event-ID after any end
+// that is not final, until ctx ends.
+func (u *upstream) run(ctx context.Context, sink sink) {
+	p := newParser(int(u.hub.current().settings.maxEventSize))
 	failures := 0
 	for {
-		o := s.attempt(p)
-		if s.ctx.Err() != nil {
+		o := u.attempt(ctx, p, sink)
+		if ctx.Err() != nil {
 			return
 		}
-		_, logger, _ := s.hub.transport()
+		logger := u.hub.current().logger
 		if o.final != nil {
 			if ce := logger.Check(zapcore.DebugLevel, "upstream gave a final answer, stream ends"); ce != nil {
-				ce.Write(zap.String("stream", s.name), zap.Int("status", o.final.status), zap.String("reason", o.final.reason))
+				ce.Write(zap.String("stream", u.name), zap.Int("status", o.final.status), zap.String("reason", o.final.reason))
 			}
-			s.setState(stateFinal, nil, o.final)
+			sink.answer(answer{state: stateFinal, final: o.final})
 			return
 		}
 		var delay time.Duration
 		if o.delivered {
 			failures = 0
 			delay = defaultOriginRetry
-			if ms, ok := s.originRetry(); ok {
-				delay = time.Duration(min(ms, maxOriginRetry.Milliseconds())) * time.Millisecond
+			if u.hasRetry {
+				delay = time.Duration(min(u.retry, maxOriginRetry.Milliseconds())) * time.Millisecond
 			}
 		} else {
 			failures++
@@ -95,14 +105,14 @@ func (s *stream) run() {
 			delay = max(delay, min(o.retryAfter, retryAfterMax))
 		}
 		delay = max(jitter(delay), minReconnect)
-		s.setState(stateRetrying, nil, nil)
+		sink.answer(answer{state: stateRetrying})
 		if ce := logger.Check(zapcore.DebugLevel, "upstream ended, reconnecting"); ce != nil {
-			ce.Write(zap.String("stream", s.name), zap.Duration("delay", delay), zap.Int("failures", failures), zap.Error(o.err))
+			ce.Write(zap.String("stream", u.name), zap.Duration("delay", delay), zap.Int("failures", failures), zap.Error(o.err))
 		}
 		t := time.NewTimer(delay)
 		select {
 		case <-t.C:
-		case <-s.ctx.Done():
+		case <-ctx.Done():
 			t.Stop()
 			return
 		}
@@ -117,51 +127,44 @@ func jitter(d time.Duration) time.Duration {
 	return d - d/10 + rand.N(d/5+1)
 }
 
-// originRetry returns the origin's latest retry in ms, if it sent one.
-func (s *stream) originRetry() (int64, bool) {
-	s.mu.RLock()
-	defer s.mu.RUnlock()
-	return s.retry, s.hasRetry
-}
-
 // resumeID is the Last-Event-ID to send upstream: the origin's committed
-// id once it has sent one, else the id of the client that created the
-// stream, so that the origin can fill that client's gap. The client's id
-// only ever goes upstream: it is never an id other clients receive.
-func (s *stream) resumeID(p *parser) string {
+// id once it has sent one, else the id the stream started from, so that
+// the origin can fill the creating client's gap. That client's id only
+// ever goes upstream: it is never an id that clients receive.
+func (u *upstream) resumeID(p *parser) string {
 	if p.hasID {
 		return p.lastEventID()
 	}
-	return s.initialID
+	return u.resume
 }
 
 // attempt makes one upstream request and reads its events until it ends.
-func (s *stream) attempt(p *parser) outcome {
-	rt, logger, set := s.hub.transport()
-	ctx, cancel := context.WithCancel(s.ctx)
+func (u *upstream) attempt(ctx context.Context, p *parser, sink sink) outcome {
+	cfg := u.hub.current()
+	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	ctx = context.WithValue(ctx, caddy.ReplacerCtxKey, caddy.NewReplacer())
 
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, s.target.String(), nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.target.String(), nil)
 	if err != nil {
 		return outcome{final: badGateway("bad upstream URL\n")}
 	}
-	req.Header = s.header.Clone()
+	req.Header = u.header.Clone()
 	req.Header.Set("Accept", "text/event-stream")
 	req.Header.Set("Cache-Control", "no-cache")
 	// an origin may commit an id no header can carry (control characters):
 	// resume without it rather than fail every attempt
-	if id := s.resumeID(p); id != "" && httpguts.ValidHeaderFieldValue(id) {
+	if id := u.resumeID(p); id != "" && httpguts.ValidHeaderFieldValue(id) {
 		req.Header.Set("Last-Event-ID", id)
 	}
-	if ops := s.hub.headerUp; ops != nil {
+	if ops := u.hub.headerUp; ops != nil {
 		ops.ApplyTo(req.Header, caddy.NewEmptyReplacer())
 		if host := req.Header.Get("Host"); host != "" {
 			req.Host = host
 			req.Header.Del("Host")
 		}
 	}
-	hc := &http.Client{Transport: rt, CheckRedirect: func(next *http.Request, via []*http.Request) error {
+	hc := &http.Client{Transport: cfg.rt, CheckRedirect: func(next *http.Request, via []*http.Request) error {
 		if len(via) >= maxRedirects {
 			return fmt.Errorf("stopped after %d redirects", maxRedirects)
 		}
@@ -189,11 +192,11 @@ func (s *stream) attempt(p *parser) outcome {
 	}
 	metrics.upstreamConns.Inc()
 	defer metrics.upstreamConns.Dec()
-	s.setState(stateLive, streamHeaders(resp.Header), nil)
-	if ce := logger.Check(zapcore.DebugLevel, "upstream connected"); ce != nil {
-		ce.Write(zap.String("stream", s.name))
+	sink.answer(answer{state: stateLive, header: streamHeaders(resp.Header)})
+	if ce := cfg.logger.Check(zapcore.DebugLevel, "upstream connected"); ce != nil {
+		ce.Write(zap.String("stream", u.name))
 	}
-	o = s.read(ctx, cancel, resp.Body, p, set)
+	o = u.read(ctx, cancel, resp.Body, p, sink, cfg)
 	o.err = withoutURL(o.err)
 	return o
 }
@@ -254,11 +257,12 @@ func countAttempt(o outcome) {
 	}
 }
 
-// read feeds the response body to the parser and publishes what it finds.
-// An upstream silent past upstream_idle_timeout is dropped (any byte,
-// comments included, counts as activity).
-func (s *stream) read(ctx context.Context, cancel context.CancelFunc, body io.Reader, p *parser, set hubSettings) outcome {
+// read feeds the response body to the parser and appends what it finds
+// to the sink. An upstream silent past upstream_idle_timeout is dropped
+// (any byte, comments included, counts as activity).
+func (u *upstream) read(ctx context.Context, cancel context.CancelFunc, body io.Reader, p *parser, sink sink, cfg hubConfig) outcome {
 	var o outcome
+	set := cfg.settings
 	p.reset()
 	p.setMaxEventSize(int(set.maxEventSize)) // the settings in force now
 	emit := func(r *record) {
@@ -266,20 +270,19 @@ func (s *stream) read(ctx context.Context, cancel context.CancelFunc, body io.Re
 		case recEvent:
 			metrics.events.Inc()
 			wire := appendEvent(make([]byte, 0, encodedLen(r)), r)
-			s.publish(entryEvent, wire, r.id, r.setsID, r.hasID)
+			sink.append(entry{kind: entryEvent, wire: wire, id: r.id, setsID: r.setsID, hasID: r.hasID})
 			o.delivered = true
 		case recID:
-			s.publish(entryID, appendIDBlock(nil, r.id), r.id, true, r.hasID)
+			sink.append(entry{kind: entryID, wire: appendIDBlock(nil, r.id), id: r.id, setsID: true, hasID: r.hasID})
 			o.delivered = true
 		case recRetry:
-			s.setRetry(r.retry)
-			s.publish(entryRetry, appendRetry(nil, r.retry), "", false, false)
+			u.retry, u.hasRetry = r.retry, true
+			sink.append(entry{kind: entryRetry, wire: appendRetry(nil, r.retry), retry: r.retry})
 		case recSkipped:
 			metrics.eventsSkipped.Inc()
-			_, logger, _ := s.hub.transport()
-			logger.Warn("skipped an upstream event larger than max_event_size", zap.String("stream", s.name), zap.Int64("size", r.size), zap.Int64("max_event_size", set.maxEventSize))
+			cfg.logger.Warn("skipped an upstream event larger than max_event_size", zap.String("stream", u.name), zap.Int64("size", r.size), zap.Int64("max_event_size", set.maxEventSize))
 			if r.setsID {
-				s.publish(entryID, appendIDBlock(nil, r.id), r.id, true, r.hasID)
+				sink.append(entry{kind: entryID, wire: appendIDBlock(nil, r.id), id: r.id, setsID: true, hasID: r.hasID})
 			}
 		}
 	}
@@ -301,7 +304,7 @@ func (s *stream) read(ctx context.Context, cancel context.CancelFunc, body io.Re
 			if !errors.Is(err, io.EOF) {
 				o.err = err
 			}
-			if ctx.Err() != nil && s.ctx.Err() == nil {
+			if idle != nil && !idle.Stop() && ctx.Err() != nil {
 				o.err = errors.New("upstream idle timeout")
 			}
 			return o

@@ -1,9 +1,8 @@
-package ssefanout
+package tests
 
 import (
 	"context"
 	"fmt"
-	"net/url"
 	"os"
 	"path/filepath"
 	"slices"
@@ -187,15 +186,8 @@ func TestBrowserEventSource(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(root, "index.html"), []byte(browserPage), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	base := startCaddy(t, browserCaddyfileBody(o.URL, root, "30s"))
-	u, err := url.Parse(base)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var port int
-	if _, err := fmt.Sscan(u.Port(), &port); err != nil {
-		t.Fatal(err)
-	}
+	cs := startCaddy(t, browserCaddyfileBody(o.URL, root, "30s"))
+	base := cs.Base
 	ctx := startBrowser(t)
 
 	// The origin sees the proxy's upstream as /s and the direct stream
@@ -261,7 +253,7 @@ func TestBrowserEventSource(t *testing.T) {
 	// The direct stream has served its purpose: close it, so that only
 	// the proxy's connection is left at the origin.
 	cctx, ccancel := context.WithTimeout(ctx, 10*time.Second)
-	_, err = chromedp.Run(cctx, chromedp.Evaluate[chromedp.Void](`window.es.direct.close()`))
+	_, err := chromedp.Run(cctx, chromedp.Evaluate[chromedp.Void](`window.es.direct.close()`))
 	ccancel()
 	if err != nil {
 		t.Fatalf("closing the direct EventSource: %v", err)
@@ -271,12 +263,20 @@ func TestBrowserEventSource(t *testing.T) {
 	// Phase 2: a reload (keepalive changed) drops the browser's proxy
 	// stream; meanwhile the origin sends more events into the history of
 	// the same stream, which survives the reload.
-	s := findStream(t, proxied)
-	if n := clientCount(s); n != 1 {
-		t.Fatalf("stream has %d clients before the reload, want 1", n)
+	// the admin API lists the one proxied stream
+	stream := func() streamView {
+		all := cs.streams(t)
+		if len(all) != 1 {
+			t.Fatalf("admin API lists %d streams, want the one proxied stream: %+v", len(all), all)
+		}
+		return all[0]
 	}
-	loadCaddyfile(t, caddyfileFor(port, browserCaddyfileBody(o.URL, root, "31s")))
-	eventually(t, 20*time.Second, func() bool { return clientCount(s) == 0 }, func() string {
+	s := stream()
+	if s.Clients != 1 {
+		t.Fatalf("stream has %d clients before the reload, want 1", s.Clients)
+	}
+	cs.load(t, browserCaddyfileBody(o.URL, root, "31s"))
+	eventually(t, 20*time.Second, func() bool { return stream().Clients == 0 }, func() string {
 		return "the reload did not end the browser's proxy stream"
 	})
 	phase2 := []string{
@@ -292,12 +292,10 @@ func TestBrowserEventSource(t *testing.T) {
 	for _, b := range phase2 {
 		o.send(proxied, b)
 	}
-	eventually(t, 20*time.Second, func() bool {
-		s.mu.RLock()
-		defer s.mu.RUnlock()
-		return s.lastID == "15"
-	}, func() string { return "phase 2 events did not reach the stream's history" })
-	if n := clientCount(s); n != 0 {
+	eventually(t, 20*time.Second, func() bool { return stream().Published == s.Published+uint64(len(phase2)) }, func() string {
+		return "phase 2 events did not reach the stream's history"
+	})
+	if n := stream().Clients; n != 0 {
 		t.Fatalf("the browser reconnected before the phase 2 events were in the history (%d clients): the test did not exercise resume; is the retry (500ms) honoured?", n)
 	}
 
@@ -306,7 +304,7 @@ func TestBrowserEventSource(t *testing.T) {
 	waitPage(t, ctx, 20*time.Second, "the proxy EventSource reopened", func(st pageState) bool {
 		return len(st.Life.Proxy) >= 3
 	})
-	if got := findStream(t, proxied); got != s {
+	if got := stream(); got.Stream != s.Stream {
 		t.Fatal("the stream was replaced across the reload; its history should have survived")
 	}
 	o.send(proxied, "id: 16\ndata: live-after-resume\n\n")
