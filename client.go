@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -25,29 +26,57 @@ const maxBatch = 64 << 10
 // write.
 var batchPool = sync.Pool{New: func() any { b := make([]byte, 0, 16<<10); return &b }}
 
-// client is one downstream connection's view of a stream.
+// Why a client's stream ended, for the log of hijacked streams.
+const (
+	endClientClosed  = "client closed"
+	endWriteFailed   = "write failed"
+	endWriteTimeout  = "write_timeout"
+	endLagging       = "lagging"
+	endDrained       = "config reloaded"
+	endExit          = "server stopping"
+	endUpstreamEnded = "upstream ended"
+)
+
+// client is one downstream connection's view of a stream. It is served
+// either through net/http (its ResponseWriter) or, on the fast path, on
+// its own socket after the hijack: by its stream's writer while it is
+// caught up, by its own goroutine otherwise.
 type client struct {
 	h      *Handler
 	s      *stream
-	w      http.ResponseWriter
-	rc     *http.ResponseController
 	cursor uint64
 	// deadline is the write deadline in force.
 	deadline time.Time
+	// endAt, once its config stops, is its point in the drain window.
+	endAt time.Time
+
+	// The net/http path.
+	w  http.ResponseWriter
+	rc *http.ResponseController
+
+	// The fast path, after the hijack.
+	sock      *rawSocket
+	hangup    chan struct{} // closed when the peer hung up
+	gone      atomic.Bool
+	unwatch   func()
+	started   time.Time
+	sent      int64     // bytes written since the hijack
+	lastWrite time.Time // for keepalives while its stream's writer has it
 }
 
 // serveClient runs a client's stream until it, its stream, its config or
-// the process ends.
-func (h *Handler) serveClient(w http.ResponseWriter, r *http.Request, s *stream, arrived uint64, last lastID) error {
+// the process ends, or hands it to its stream's writer (the fast path):
+// handedOff then says that the client is no longer this request's.
+func (h *Handler) serveClient(w http.ResponseWriter, r *http.Request, s *stream, arrived uint64, last lastID) (handedOff bool) {
 	ctx := r.Context()
 	if !h.awaitFirstAnswer(ctx, s) {
-		return nil
+		return false
 	}
 	c := &client{h: h, s: s, w: w, rc: http.NewResponseController(w)}
 	prelude, respHeader, final := c.start(last, arrived)
 	if final != nil {
 		writeFinal(w, final)
-		return nil
+		return false
 	}
 	hdr := w.Header()
 	for name, vals := range respHeader {
@@ -56,13 +85,101 @@ func (h *Handler) serveClient(w http.ResponseWriter, r *http.Request, s *stream,
 	setStreamHeaders(hdr)
 	w.WriteHeader(http.StatusOK)
 	// flush the head even with no prelude, so that EventSource opens now
-	if err := c.write(prelude); err == nil {
-		c.loop(ctx)
+	if err := c.write(prelude); err != nil {
+		return false
 	}
+	if c.hijack(r) {
+		c.runOwn()
+		return true
+	}
+	c.loop(ctx.Done())
 	// the deadline of the last write may have passed while the stream
 	// was idle; give net/http's final flush a fresh one
 	_ = c.rc.SetWriteDeadline(time.Now().Add(time.Duration(h.WriteTimeout)))
-	return nil
+	return false
+}
+
+// hijack takes a plaintext HTTP/1.1 client's connection over after its
+// response head, when its socket can be reached (see socketOf): from then
+// on its bytes are the entries' pre-framed chunks, written to the socket.
+// It reports false, changing nothing, when the client stays on the
+// net/http path (TLS, HTTP/2 and 3, HTTP/1.0, wrappers that change what is
+// written, a response being encoded).
+func (c *client) hijack(r *http.Request) bool {
+	if r.ProtoMajor != 1 || r.ProtoMinor < 1 || c.w.Header().Get("Content-Encoding") != "" {
+		return false
+	}
+	sock := socketOf(r.Context())
+	if sock.tcp == nil || !sock.plain {
+		return false
+	}
+	raw, err := newRawSocket(sock.tcp)
+	if err != nil {
+		return false
+	}
+	// the net.Conn and buffers that Hijack returns are dropped: the
+	// socket is reached directly, and Caddy's wrapper counts bytes for
+	// an access log entry that is written when the handler returns
+	if _, _, err := c.rc.Hijack(); err != nil {
+		return false
+	}
+	c.sock, c.hangup, c.started, c.deadline = raw, make(chan struct{}), time.Now(), time.Time{}
+	c.s.hub.hijacked.Add(1)
+	metrics.directClients.Inc()
+	stop, err := watchHangup(sock.tcp, c.onHangup)
+	if err != nil {
+		c.finish("cannot watch for hang-ups: " + err.Error())
+		return true
+	}
+	c.unwatch = stop
+	return true
+}
+
+// onHangup is called once when a hijacked client's peer closed or reset
+// the connection: its current writer ends it.
+func (c *client) onHangup() {
+	c.gone.Store(true)
+	close(c.hangup)
+	c.s.fan.wake()
+}
+
+// runOwn serves a hijacked client on the current goroutine until it is
+// caught up, then hands it to its stream's writer; or ends it.
+func (c *client) runOwn() {
+	if end := c.loop(c.hangup); end != "" {
+		c.finish(end)
+	}
+}
+
+// slow takes a hijacked client back from its stream's writer when its
+// socket did not take a write at once: it finishes the partly written
+// bytes, then serves it from its cursor like any client.
+func (c *client) slow(pending []byte) {
+	if len(pending) > 0 {
+		if err := c.write(pending); err != nil {
+			c.finish(writeEnd(err))
+			return
+		}
+	}
+	c.runOwn()
+}
+
+// finish ends a hijacked client: a clean end of stream when its socket
+// takes it, the socket closed, the client detached from its stream, and
+// the end logged. Only the client's current writer calls it.
+func (c *client) finish(end string) {
+	if c.unwatch != nil {
+		c.unwatch()
+	}
+	if end != endClientClosed && end != endWriteFailed && end != endWriteTimeout {
+		n, _ := c.sock.tryWrite(lastChunk)
+		c.sent += int64(n)
+	}
+	_ = c.sock.tcp.Close()
+	c.s.hub.detach(c.s)
+	c.s.hub.hijacked.Add(-1)
+	metrics.directClients.Dec()
+	c.h.logStreamEnd(c, end)
 }
 
 // awaitFirstAnswer holds a new stream's first clients until the origin
@@ -145,23 +262,26 @@ func (c *client) collect(buf **[]byte, skipRetry bool) (out []byte, coalesced bo
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	wake = s.wake
+	s.wakeTaken.Store(true)
 	behind = s.hist.behind(c.cursor)
 	if behind == lagEvicted {
 		return nil, false, c.cursor, wake, behind
 	}
-	out, coalesced, next = s.hist.collect(c.cursor, buf, skipRetry)
+	out, coalesced, next = s.hist.collect(c.cursor, buf, skipRetry, c.sock != nil)
 	return out, coalesced, next, wake, behind
 }
 
 // loop writes the stream to the client as it grows, with keepalives when
-// it is idle, until something ends it.
+// it is idle, until something ends it (it returns why), or, for a
+// hijacked client, until it is caught up: it then hands the client to its
+// stream's writer and returns "".
 //
 // It waits on as few channels as it can: thousands of clients wait on the
 // same wake channel, and a select locks every channel it waits on. The
 // rarer signals shared by all clients (the upstream ended, the config is
 // stopping, the process exits) close the wake channel too, and are polled
 // after each wake-up without taking a lock.
-func (c *client) loop(ctx context.Context) {
+func (c *client) loop(done <-chan struct{}) (end string) {
 	h, s := c.h, c.s
 	skipRetry := h.Retry > 0
 	keepalive := time.Duration(h.Keepalive)
@@ -172,7 +292,6 @@ func (c *client) loop(ctx context.Context) {
 		defer ka.Stop()
 		kaC = ka.C
 	}
-	done := ctx.Done() // once: a request context is a chain of values
 	var drain <-chan time.Time
 	var drainTimer *time.Timer
 	defer func() {
@@ -186,13 +305,19 @@ func (c *client) loop(ctx context.Context) {
 	// it reports false when the client must end now
 	startDrain := func() bool {
 		stopping = nil
-		d := h.drainDelay()
-		if d == 0 {
+		if c.endAt.IsZero() {
+			c.endAt = time.Now().Add(h.drainDelay())
+		}
+		d := time.Until(c.endAt)
+		if d <= 0 {
 			return false
 		}
 		drainTimer = time.NewTimer(d)
 		drain = drainTimer.C
 		return true
+	}
+	if !c.endAt.IsZero() && !startDrain() { // handed back while draining
+		return endDrained
 	}
 	// a batch buffer is borrowed only while several entries are coalesced,
 	// so an idle client holds none
@@ -212,18 +337,18 @@ func (c *client) loop(ctx context.Context) {
 		if behind == lagEvicted || (behind == lagFar && caughtUp) {
 			metrics.clientsDropped.WithLabelValues("lagging").Inc()
 			c.debug("client too far behind, disconnecting")
-			return
+			return endLagging
 		}
 		caughtUp = caughtUp || behind == lagNone
 		// checked on every pass, as a busy client may never be idle
 		switch {
 		case closed(s.hub.exit):
-			return
+			return endExit
 		case drain != nil && closed(drain):
-			return
+			return endDrained
 		case stopping != nil && closed(stopping):
 			if !startDrain() {
-				return
+				return endDrained
 			}
 		}
 		if len(out) > 0 {
@@ -236,7 +361,7 @@ func (c *client) loop(ctx context.Context) {
 				bufp = nil
 			}
 			if err != nil {
-				return
+				return writeEnd(err)
 			}
 			c.cursor = next
 			if ka != nil {
@@ -247,36 +372,62 @@ func (c *client) loop(ctx context.Context) {
 		c.cursor = next
 		if closed(s.done) {
 			if s.ended() {
-				return // the origin's final answer: all was sent
+				return endUpstreamEnded // the origin's final answer: all was sent
 			}
 			// the stream was torn down with its hub (its config went
 			// away): the upstream is gone, but the client ends in the
 			// drain window like any client of a reloaded config, and
 			// resumes on the new config's hub by Last-Event-ID
 			if drain == nil && !startDrain() {
-				return
+				return endDrained
 			}
 			wake = nil // closed for good: nothing more will be published
+		} else if c.sock != nil {
+			// caught up: the stream's writer takes it from here, with
+			// one non-blocking write per event
+			if c.handBack() {
+				return ""
+			}
 		}
 		// HTTP/2 resets a stream whose write deadline passes even with no
 		// write under way: clear it unless a keepalive comes first
 		if !c.deadline.IsZero() && (keepalive <= 0 || keepalive >= time.Until(c.deadline)) {
-			_ = c.rc.SetWriteDeadline(time.Time{})
-			c.deadline = time.Time{}
+			c.setWriteDeadline(time.Time{})
 		}
 		select {
 		case <-wake:
 		case <-kaC:
-			if err := c.write(keepaliveComment); err != nil {
-				return
+			if err := c.write(c.keepalive()); err != nil {
+				return writeEnd(err)
 			}
 			ka.Reset(keepalive)
 		case <-drain:
-			return
+			return endDrained
 		case <-done:
-			return
+			return endClientClosed
 		}
 	}
+}
+
+// handBack gives a caught-up hijacked client to its stream's writer. The
+// socket's write deadline is cleared first: the writer's writes never
+// block, and a passed deadline would fail them.
+func (c *client) handBack() bool {
+	if err := c.sock.tcp.SetWriteDeadline(time.Time{}); err != nil {
+		return false
+	}
+	c.deadline = time.Time{}
+	c.lastWrite = time.Now()
+	c.s.fan.adopt(c)
+	return true
+}
+
+// writeEnd names why a write ended a client.
+func writeEnd(err error) string {
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		return endWriteTimeout
+	}
+	return endWriteFailed
 }
 
 // closed reports whether ch is closed (or, for a timer, has fired),
@@ -292,23 +443,36 @@ func closed[T any](ch <-chan T) bool {
 
 var keepaliveComment = appendComment(nil, "keepalive")
 
-// write sends p to the client and flushes it (the head alone when p is
-// empty), failing if the write stays blocked for write_timeout.
+// keepalive is the keepalive comment as this client's writes carry it.
+func (c *client) keepalive() []byte {
+	if c.sock != nil {
+		return keepaliveFrame
+	}
+	return keepaliveComment
+}
+
+// write sends p to the client, failing if the write stays blocked for
+// write_timeout: on a hijacked socket as one chunk or more (p is framed);
+// through net/http with a flush (the head alone when p is empty).
 func (c *client) write(p []byte) error {
 	// the deadline is moved only once a quarter of write_timeout has been
 	// used: setting it costs more than the write on a busy stream, and a
 	// blocked write is still cut after 3/4 to all of write_timeout
 	timeout := time.Duration(c.h.WriteTimeout)
 	if now := time.Now(); c.deadline.Sub(now) < timeout-timeout/4 {
-		c.deadline = now.Add(timeout)
-		_ = c.rc.SetWriteDeadline(c.deadline)
+		c.setWriteDeadline(now.Add(timeout))
+	}
+	if c.sock != nil {
+		n, err := c.sock.tcp.Write(p)
+		c.sent += int64(n)
+		if err != nil {
+			c.writeFailed(err)
+		}
+		return err
 	}
 	if len(p) > 0 {
 		if _, err := c.w.Write(p); err != nil {
-			if errors.Is(err, os.ErrDeadlineExceeded) {
-				metrics.clientsDropped.WithLabelValues("write_timeout").Inc()
-			}
-			c.debug("write to client failed")
+			c.writeFailed(err)
 			return err
 		}
 	}
@@ -319,9 +483,39 @@ func (c *client) write(p []byte) error {
 	return nil
 }
 
+func (c *client) writeFailed(err error) {
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		metrics.clientsDropped.WithLabelValues("write_timeout").Inc()
+	}
+	c.debug("write to client failed")
+}
+
+func (c *client) setWriteDeadline(t time.Time) {
+	c.deadline = t
+	if c.sock != nil {
+		_ = c.sock.tcp.SetWriteDeadline(t)
+		return
+	}
+	_ = c.rc.SetWriteDeadline(t)
+}
+
 func (c *client) debug(msg string) {
 	if ce := c.h.logger.Check(zapcore.DebugLevel, msg); ce != nil {
 		ce.Write(zap.String("stream", c.s.name))
+	}
+}
+
+// logStreamEnd logs the end of a hijacked stream, whose access log entry
+// Caddy wrote at the hijack: at info level where the server keeps access
+// logs, at debug level otherwise.
+func (h *Handler) logStreamEnd(c *client, end string) {
+	level := zapcore.DebugLevel
+	if h.server != nil && h.server.Logs != nil {
+		level = zapcore.InfoLevel
+	}
+	if ce := h.logger.Check(level, "stream ended"); ce != nil {
+		ce.Write(zap.String("stream", c.s.name), zap.Int("status", http.StatusOK), zap.Int64("bytes", c.sent),
+			zap.Duration("duration", time.Since(c.started)), zap.String("reason", end))
 	}
 }
 

@@ -160,3 +160,39 @@ func cutDataLine(data []byte, crs bool) (line, rest []byte, more bool) {
 	}
 	return data[:i], data[j:], true
 }
+
+// The HTTP/1.1 chunk framing of history entries: each entry is framed once
+// as the chunk that clients whose sockets are written directly get, in its
+// own buffer (see entry).
+
+// chunkHeaderLen is the length of the chunk header for n payload bytes:
+// the size in hex and CRLF.
+func chunkHeaderLen(n int) int {
+	digits := 1
+	for v := n >> 4; v > 0; v >>= 4 {
+		digits++
+	}
+	return digits + 2
+}
+
+// newFrame allocates a chunk for n payload bytes and writes its header;
+// the caller appends exactly n bytes, then closeFrame.
+func newFrame(n int) []byte {
+	hdr := chunkHeaderLen(n)
+	b := make([]byte, 0, hdr+n+2)
+	b = strconv.AppendInt(b, int64(n), 16)
+	return append(b, '\r', '\n')
+}
+
+// closeFrame ends a chunk.
+func closeFrame(b []byte) []byte { return append(b, '\r', '\n') }
+
+// frameOf copies payload into a chunk of its own.
+func frameOf(payload []byte) (frame []byte, hdr uint8) {
+	frame = newFrame(len(payload))
+	hdr = uint8(len(frame))
+	return closeFrame(append(frame, payload...)), hdr
+}
+
+// lastChunk ends a chunked body: a client sees a clean end of stream.
+var lastChunk = []byte("0\r\n\r\n")

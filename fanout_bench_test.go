@@ -80,13 +80,14 @@ func benchWire(tb testing.TB, i, size int) ([]byte, string) {
 func BenchmarkPublish(b *testing.B) {
 	s := benchStream(b)
 	wire, id := benchWire(b, 1, benchEventSize)
+	e := framedEntry(entryEvent, wire, entry{id: id, setsID: true, hasID: true})
 	for range defaultHistory {
-		s.append(entry{kind: entryEvent, wire: wire, id: id, setsID: true, hasID: true})
+		s.append(e)
 	}
 	b.SetBytes(int64(len(wire)))
 	b.ReportAllocs()
 	for b.Loop() {
-		s.append(entry{kind: entryEvent, wire: wire, id: id, setsID: true, hasID: true})
+		s.append(e)
 	}
 }
 
@@ -107,8 +108,10 @@ func BenchmarkParseEncodePublish(b *testing.B) {
 		if r.kind != recEvent {
 			return
 		}
-		wire := appendEvent(make([]byte, 0, encodedLen(r)), r)
-		s.append(entry{kind: entryEvent, wire: wire, id: r.id, setsID: r.setsID, hasID: r.hasID})
+		frame := newFrame(encodedLen(r))
+		hdr := uint8(len(frame))
+		frame = closeFrame(appendEvent(frame, r))
+		s.append(entry{kind: entryEvent, frame: frame, hdr: hdr, id: r.id, setsID: r.setsID, hasID: r.hasID})
 		published++
 	}
 	for i := range defaultHistory {
@@ -147,6 +150,7 @@ func benchmarkDeliver(b *testing.B, clients int) {
 	s := benchStream(b)
 	h := benchHandler()
 	wire, id := benchWire(b, 1, benchEventSize)
+	e := framedEntry(entryEvent, wire, entry{id: id, setsID: true, hasID: true})
 
 	// each request has a context of its own, canceled with the
 	// connection's, as net/http gives it
@@ -192,7 +196,7 @@ func benchmarkDeliver(b *testing.B, clients int) {
 		timeout.Reset(time.Minute)
 		events++
 		d.want.Store(int64(events) * int64(clients))
-		s.append(entry{kind: entryEvent, wire: wire, id: id, setsID: true, hasID: true})
+		s.append(e)
 		select {
 		case <-d.all:
 		case msg := <-d.failed:

@@ -461,11 +461,12 @@ func checkNoLeaks(t testing.TB) {
 	for {
 		n, sample := pkgGoroutines()
 		streams, clients, conns := testutil.ToFloat64(metrics.streams), testutil.ToFloat64(metrics.clients), testutil.ToFloat64(metrics.upstreamConns)
-		if n == 0 && streams == 0 && clients == 0 && conns == 0 {
+		direct := testutil.ToFloat64(metrics.directClients)
+		if n == 0 && streams == 0 && clients == 0 && conns == 0 && direct == 0 {
 			return
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("%d goroutines of the package still running (gauges: %v streams, %v clients, %v upstream connections), e.g.:\n%s", n, streams, clients, conns, sample)
+			t.Fatalf("%d goroutines of the package still running (gauges: %v streams, %v clients, %v direct clients, %v upstream connections), e.g.:\n%s", n, streams, clients, direct, conns, sample)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}

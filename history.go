@@ -9,10 +9,14 @@ const (
 	entryRetry
 )
 
-// entry is one encoded item of a stream's history. Its wire bytes are
-// written to clients as they are and never change once published.
+// entry is one encoded item of a stream's history, framed once as the
+// HTTP/1.1 chunk that fast-path clients get; clients served through
+// net/http get its payload. Its bytes never change once published.
 type entry struct {
-	wire []byte
+	// frame is the whole chunk: hex size, CRLF, payload, CRLF.
+	frame []byte
+	// hdr is where the payload starts in frame.
+	hdr uint8
 	// id is the committed last-event ID after this entry; hasID says
 	// whether the stream has committed one at all by then, setsID whether
 	// this entry's own block had an id field.
@@ -26,6 +30,9 @@ type entry struct {
 	// behind a client is in bytes.
 	off uint64
 }
+
+// payload is the entry's event-stream bytes, without the chunk framing.
+func (e *entry) payload() []byte { return e.frame[e.hdr : len(e.frame)-2] }
 
 // minRingSlots is the ring's first allocation once it holds anything.
 const minRingSlots = 16
@@ -61,7 +68,7 @@ func (h *history) at(seq uint64) *entry { return &h.ring[seq%uint64(len(h.ring))
 // append adds an entry at the head, evicting the oldest entries first so
 // that it fits both bounds. An entry larger than maxBytes is kept alone.
 func (h *history) append(e entry) {
-	h.evict(len(e.wire))
+	h.evict(len(e.frame))
 	if h.count == len(h.ring) {
 		h.relayout(min(max(2*len(h.ring), minRingSlots), h.limit))
 	}
@@ -69,8 +76,8 @@ func (h *history) append(e entry) {
 	*h.at(h.head) = e
 	h.head++
 	h.count++
-	h.bytes += int64(len(e.wire))
-	h.total += uint64(len(e.wire))
+	h.bytes += int64(len(e.frame))
+	h.total += uint64(len(e.frame))
 }
 
 // evict drops the oldest entries until one of size more fits.
@@ -82,7 +89,7 @@ func (h *history) evict(size int) {
 
 func (h *history) dropOldest() {
 	e := h.at(h.oldest())
-	h.bytes -= int64(len(e.wire))
+	h.bytes -= int64(len(e.frame))
 	*e = entry{}
 	h.count--
 }
@@ -161,12 +168,18 @@ func (h *history) behind(cursor uint64) lag {
 }
 
 // collect gathers what a client at cursor has not been sent yet, from
-// cursor to the head, and the cursor after it. A single pending entry is
-// returned as it is (its bytes are immutable, so nothing is copied);
-// several are coalesced, up to maxBatch bytes, into *buf (borrowed from
-// batchPool when nil), and coalesced is true. With skipRetry, retry lines
-// are left out (the handler sends its own). The cursor must be held.
-func (h *history) collect(cursor uint64, buf **[]byte, skipRetry bool) (out []byte, coalesced bool, next uint64) {
+// cursor to the head, and the cursor after it: the entries' chunk frames
+// when framed (a client whose socket is written directly), else their
+// payloads. A single pending entry is returned as it is (its bytes are
+// immutable, so nothing is copied); several are coalesced, up to maxBatch
+// bytes, into *buf (borrowed from batchPool when nil), and coalesced is
+// true. With skipRetry, retry lines are left out (the handler sends its
+// own). The cursor must be held.
+func (h *history) collect(cursor uint64, buf **[]byte, skipRetry, framed bool) (out []byte, coalesced bool, next uint64) {
+	bytesOf := (*entry).payload
+	if framed {
+		bytesOf = func(e *entry) []byte { return e.frame }
+	}
 	if cursor == h.head {
 		return nil, false, cursor
 	}
@@ -175,7 +188,7 @@ func (h *history) collect(cursor uint64, buf **[]byte, skipRetry bool) (out []by
 		if skipRetry && e.kind == entryRetry {
 			return nil, false, h.head
 		}
-		return e.wire, false, h.head
+		return bytesOf(e), false, h.head
 	}
 	if *buf == nil {
 		*buf = batchPool.Get().(*[]byte)
@@ -186,7 +199,30 @@ func (h *history) collect(cursor uint64, buf **[]byte, skipRetry bool) (out []by
 		if skipRetry && e.kind == entryRetry {
 			continue
 		}
-		out = append(out, e.wire...)
+		out = append(out, bytesOf(e)...)
 	}
 	return out, true, cursor
+}
+
+// frames returns a copy of the frames of the entries from cursor up to to,
+// or nil when they are more than maxBatch bytes (or none is held). With
+// skipRetry, retry lines are left out.
+func (h *history) frames(cursor, to uint64, skipRetry bool) []byte {
+	if cursor < h.oldest() || to > h.head {
+		return nil
+	}
+	n := 0
+	for seq := cursor; seq < to; seq++ {
+		n += len(h.at(seq).frame)
+	}
+	if n > maxBatch {
+		return nil
+	}
+	out := make([]byte, 0, n)
+	for seq := cursor; seq < to; seq++ {
+		if e := h.at(seq); !skipRetry || e.kind != entryRetry {
+			out = append(out, e.frame...)
+		}
+	}
+	return out
 }

@@ -21,7 +21,7 @@ func collectAt(s *stream, cursor uint64, buf **[]byte, skipRetry bool) ([]byte, 
 }
 
 func pub(s *stream, id string, setsID bool, data string) {
-	s.append(entry{kind: entryEvent, wire: []byte(data), id: id, setsID: setsID, hasID: true})
+	s.append(framedEntry(entryEvent, []byte(data), entry{id: id, setsID: setsID, hasID: true}))
 }
 
 func TestCollectCoalescesPendingEntries(t *testing.T) {
@@ -41,7 +41,7 @@ func TestCollectCoalescesPendingEntries(t *testing.T) {
 		t.Fatalf("nothing pending: %q %d", out, next)
 	}
 	// retry entries are skipped for clients whose handler overrides retry
-	s.append(entry{kind: entryRetry, wire: []byte("<r>")})
+	s.append(framedEntry(entryRetry, []byte("<r>"), entry{}))
 	pub(s, "5", true, "<5>")
 	if out, _, _, _, _ := collectAt(s, 4, new(*[]byte), true); string(out) != "<4><5>" {
 		t.Fatalf("skipRetry: %q", out)
@@ -66,26 +66,26 @@ func TestCollectDropsLaggingClients(t *testing.T) {
 	if _, _, _, _, behind := collectAt(s, 14, new(*[]byte), false); behind != lagNone {
 		t.Fatal("6 entries behind in a ring of 8 is within 3/4")
 	}
-	// by bytes: 3/4 of 100 bytes
-	b := testStream(100, 100)
+	// by bytes: 3/4 of 150 bytes (entries of 10 bytes framed in 15)
+	b := testStream(100, 150)
 	for range 10 {
 		pub(b, "", false, strings.Repeat("x", 10))
 	}
 	if _, _, _, _, behind := collectAt(b, 2, new(*[]byte), false); behind != lagFar {
-		t.Fatal("80 bytes behind of 100 must be lagging")
+		t.Fatal("120 bytes behind of 150 must be lagging")
 	}
 	if _, _, _, _, behind := collectAt(b, 3, new(*[]byte), false); behind != lagNone {
-		t.Fatal("70 bytes behind of 100 is within 3/4")
+		t.Fatal("105 bytes behind of 150 is within 3/4")
 	}
 }
 
 func TestHistoryBounds(t *testing.T) {
-	s := testStream(4, 25)
+	s := testStream(4, 35)
 	for i := range 6 {
 		pub(s, fmt.Sprint(i), true, "0123456789")
 	}
-	// 25 bytes hold two 10-byte entries
-	if s.hist.count != 2 || s.hist.bytes != 20 || s.hist.head != 6 {
+	// 35 bytes hold two 10-byte entries, each framed in 15 bytes
+	if s.hist.count != 2 || s.hist.bytes != 30 || s.hist.head != 6 {
 		t.Fatalf("count=%d bytes=%d head=%d", s.hist.count, s.hist.bytes, s.hist.head)
 	}
 	s.resize(hubSettings{history: 1, historyBytes: 1000})
@@ -143,9 +143,9 @@ func TestResizeSameSettingsKeepsHistory(t *testing.T) {
 	if s.hist.count != 4 {
 		t.Fatalf("resize with the same settings dropped entries: %d left", s.hist.count)
 	}
-	s.resize(hubSettings{history: 4, historyBytes: 2})
+	s.resize(hubSettings{history: 4, historyBytes: 12})
 	if s.hist.count != 2 {
-		t.Fatalf("a lower history_bytes should keep 2 one-byte entries, kept %d", s.hist.count)
+		t.Fatalf("a lower history_bytes should keep 2 one-byte entries (6 bytes framed), kept %d", s.hist.count)
 	}
 }
 
@@ -159,4 +159,12 @@ func TestOneEntryBehindIsNeverLagging(t *testing.T) {
 	if _, _, _, _, behind := collectAt(s, 0, new(*[]byte), false); behind != lagEvicted {
 		t.Fatal("a client whose entry was evicted must be lagging")
 	}
+}
+
+// framedEntry is e with payload framed as its chunk, as the upstream
+// frames what it publishes.
+func framedEntry(kind entryKind, payload []byte, e entry) entry {
+	e.kind = kind
+	e.frame, e.hdr = frameOf(payload)
+	return e
 }

@@ -3,6 +3,7 @@ package ssefanout
 import (
 	"context"
 	"fmt"
+	"sync/atomic"
 	"net/http"
 	"net/url"
 	"slices"
@@ -82,6 +83,9 @@ type hub struct {
 	// including those of older configs that are still draining.
 	exit     chan struct{}
 	exitOnce sync.Once
+	// hijacked counts the clients whose sockets the module owns: net/http
+	// no longer knows them, so an exiting process waits for their ends.
+	hijacked atomic.Int64
 
 	mu      sync.Mutex
 	streams map[string]*stream
@@ -328,6 +332,15 @@ func (h *hub) wakeAll() {
 	h.mu.Unlock()
 	for _, s := range streams {
 		s.signal()
+	}
+}
+
+// waitHijacked waits until the hub's hijacked clients have ended, for at
+// most within.
+func (h *hub) waitHijacked(within time.Duration) {
+	deadline := time.Now().Add(within)
+	for h.hijacked.Load() > 0 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
 	}
 }
 

@@ -116,7 +116,7 @@ func TestEmptyStreamsCostLittle(t *testing.T) {
 	// and the ring still grows to what it is asked to hold
 	s := streams[0]
 	for i := range 5000 {
-		s.append(entry{kind: entryEvent, wire: []byte("data: x\n\n"), id: fmt.Sprint(i), setsID: true, hasID: true})
+		s.append(framedEntry(entryEvent, []byte("data: x\n\n"), entry{id: fmt.Sprint(i), setsID: true, hasID: true}))
 	}
 	s.mu.RLock()
 	count := s.hist.count

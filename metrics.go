@@ -19,8 +19,10 @@ const (
 var metrics = struct {
 	streams        prometheus.Gauge
 	clients        prometheus.Gauge
+	directClients  prometheus.Gauge
 	upstreamConns  prometheus.Gauge
 	attempts       *prometheus.CounterVec
+	directStalls   prometheus.Counter
 	events         prometheus.Counter
 	eventsSkipped  prometheus.Counter
 	clientsDropped *prometheus.CounterVec
@@ -31,6 +33,10 @@ var metrics = struct {
 		"Streams held open, each with one upstream (connected or retrying)."),
 	clients: newGauge("clients",
 		"Clients attached to a stream."),
+	directClients: newGauge("direct_clients",
+		"Clients (of those in clients) whose connections the module took over to write them directly: plaintext HTTP/1.1. The others are served through net/http (TLS, HTTP/2, HTTP/3)."),
+	directStalls: newCounter("direct_client_stalls_total",
+		"Times a directly written client's socket did not take a write at once, and the client moved to a goroutine of its own until it caught up: slow readers or full networks."),
 	upstreamConns: newGauge("upstream_connections",
 		"Upstream event-stream responses being read."),
 	attempts: newCounterVec("upstream_attempts_total",
@@ -77,8 +83,8 @@ func registerMetrics(reg *prometheus.Registry) error {
 		return nil
 	}
 	for _, c := range []prometheus.Collector{
-		metrics.streams, metrics.clients, metrics.upstreamConns, metrics.attempts, metrics.events,
-		metrics.eventsSkipped, metrics.clientsDropped, metrics.refused, metrics.resumes,
+		metrics.streams, metrics.clients, metrics.directClients, metrics.upstreamConns, metrics.attempts, metrics.events,
+		metrics.eventsSkipped, metrics.directStalls, metrics.clientsDropped, metrics.refused, metrics.resumes,
 	} {
 		if err := reg.Register(c); err != nil {
 			var are prometheus.AlreadyRegisteredError

@@ -482,10 +482,15 @@ func (h *Handler) identity() (string, error) {
 }
 
 // Cleanup releases the hub reference taken by Provision (only if it was
-// taken) and lets this config's clients drain.
+// taken) and lets this config's clients drain. When the process exits, it
+// waits (at most a second) for the clients whose sockets the module took
+// over to end cleanly: net/http neither waits for nor closes those.
 func (h *Handler) Cleanup() error {
 	if h.state != nil {
 		h.shutdown()
+	}
+	if h.hub != nil && caddy.Exiting() {
+		h.hub.waitHijacked(time.Second)
 	}
 	if h.server != nil {
 		forgetConns(h.server)
@@ -563,11 +568,13 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		writeRefusal(w, r, refusalRetryMinMillis+rand.N(refusalRetrySpread))
 		return nil
 	}
-	defer h.hub.detach(s)
-	if h.ClientSendBuffer > 0 && r.ProtoMajor == 1 {
+	if h.ClientSendBuffer > 0 {
 		setSendBuffer(r.Context(), int(h.ClientSendBuffer))
 	}
-	return h.serveClient(w, r, s, arrived, last)
+	if !h.serveClient(w, r, s, arrived, last) {
+		h.hub.detach(s) // a hijacked client detaches when it ends
+	}
+	return nil
 }
 
 // refuseBadRequest answers a request that maps to no valid upstream URL

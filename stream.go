@@ -5,6 +5,7 @@ import (
 	"net/http"
 	"net/url"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -79,11 +80,19 @@ type stream struct {
 	// lingered longest makes room when max_streams is reached.
 	lingerSince time.Time
 
+	// fan writes to the stream's fast clients.
+	fan *fanout
+
 	// mu guards what follows. Lock order: hub.mu before mu; a stream
 	// never takes its hub's lock while holding its own.
-	mu         sync.RWMutex
-	hist       history
-	wake       chan struct{} // closed and replaced on every publish
+	mu   sync.RWMutex
+	hist history
+	// wake is closed and replaced by a publish when a client took it
+	// since the last one (wakeTaken, set under the read lock): a stream
+	// whose clients are all written by its writer allocates nothing per
+	// publish
+	wake       chan struct{}
+	wakeTaken  atomic.Bool
 	state      streamState
 	final      *finalAnswer
 	respHeader http.Header
@@ -96,7 +105,7 @@ type stream struct {
 
 func newStream(h *hub, key string, target *url.URL, header http.Header, initialID string, set hubSettings) *stream {
 	ctx, cancel := context.WithCancel(h.ctx)
-	return &stream{
+	s := &stream{
 		hub:       h,
 		key:       key,
 		name:      keyHash(key),
@@ -110,6 +119,8 @@ func newStream(h *hub, key string, target *url.URL, header http.Header, initialI
 		hist:      newHistory(set.history, set.historyBytes),
 		wake:      make(chan struct{}),
 	}
+	s.fan = newFanout(s)
+	return s
 }
 
 // stopLinger stops a pending linger timer. The caller holds hub.mu.
@@ -156,10 +167,16 @@ func (s *stream) append(e entry) {
 	} else {
 		s.lastID, s.hasID = e.id, e.hasID
 	}
-	wake := s.wake
-	s.wake = make(chan struct{})
+	var wake chan struct{}
+	if s.wakeTaken.Swap(false) {
+		wake = s.wake
+		s.wake = make(chan struct{})
+	}
 	s.mu.Unlock()
-	close(wake)
+	if wake != nil {
+		close(wake)
+	}
+	s.fan.wake()
 }
 
 // signal wakes every client of the stream, to look at the stream's state
@@ -170,6 +187,7 @@ func (s *stream) signal() {
 	s.wake = make(chan struct{})
 	s.mu.Unlock()
 	close(wake)
+	s.fan.wake()
 }
 
 // answer records how the origin answered; the first answer, whatever it

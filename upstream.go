@@ -269,20 +269,25 @@ func (u *upstream) read(ctx context.Context, cancel context.CancelFunc, body io.
 		switch r.kind {
 		case recEvent:
 			metrics.events.Inc()
-			wire := appendEvent(make([]byte, 0, encodedLen(r)), r)
-			sink.append(entry{kind: entryEvent, wire: wire, id: r.id, setsID: r.setsID, hasID: r.hasID})
+			// encoded once, straight into its chunk frame
+			n := encodedLen(r)
+			frame := newFrame(n)
+			hdr := uint8(len(frame))
+			frame = closeFrame(appendEvent(frame, r))
+			sink.append(entry{kind: entryEvent, frame: frame, hdr: hdr, id: r.id, setsID: r.setsID, hasID: r.hasID})
 			o.delivered = true
 		case recID:
-			sink.append(entry{kind: entryID, wire: appendIDBlock(nil, r.id), id: r.id, setsID: true, hasID: r.hasID})
+			sink.append(idEntry(r))
 			o.delivered = true
 		case recRetry:
 			u.retry, u.hasRetry = r.retry, true
-			sink.append(entry{kind: entryRetry, wire: appendRetry(nil, r.retry), retry: r.retry})
+			frame, hdr := frameOf(appendRetry(nil, r.retry))
+			sink.append(entry{kind: entryRetry, frame: frame, hdr: hdr, retry: r.retry})
 		case recSkipped:
 			metrics.eventsSkipped.Inc()
 			cfg.logger.Warn("skipped an upstream event larger than max_event_size", zap.String("stream", u.name), zap.Int64("size", r.size), zap.Int64("max_event_size", set.maxEventSize))
 			if r.setsID {
-				sink.append(entry{kind: entryID, wire: appendIDBlock(nil, r.id), id: r.id, setsID: true, hasID: r.hasID})
+				sink.append(idEntry(r))
 			}
 		}
 	}
@@ -310,6 +315,12 @@ func (u *upstream) read(ctx context.Context, cancel context.CancelFunc, body io.
 			return o
 		}
 	}
+}
+
+// idEntry is the id-only block that commits r's id.
+func idEntry(r *record) entry {
+	frame, hdr := frameOf(appendIDBlock(nil, r.id))
+	return entry{kind: entryID, frame: frame, hdr: hdr, id: r.id, setsID: true, hasID: r.hasID}
 }
 
 // mediaEssence is a Content-Type's type/subtype, lowercased, before any

@@ -105,7 +105,7 @@ func (c *caddyServer) checkGauges(t testing.TB) {
 	c.load(t, `handle /never-requested {
 		sse_fanout http://127.0.0.1:9
 	}`)
-	names := []string{"caddy_sse_fanout_streams", "caddy_sse_fanout_clients", "caddy_sse_fanout_upstream_connections"}
+	names := []string{"caddy_sse_fanout_streams", "caddy_sse_fanout_clients", "caddy_sse_fanout_direct_clients", "caddy_sse_fanout_upstream_connections"}
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		vals, err := c.metrics(names...)

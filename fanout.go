@@ -1,0 +1,422 @@
+package ssefanout
+
+import (
+	"bytes"
+	"errors"
+	"net"
+	"runtime"
+	"slices"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// The fan-out fast path. A plaintext HTTP/1.1 client's connection is taken
+// over after its response head (see client.hijack): net/http's and Caddy's
+// per-request state is released, and the handler returns. While such a
+// client is caught up, its stream's writer sends it each new entry with one
+// non-blocking write(2) of the entry's pre-framed chunk: every caught-up
+// client gets the same bytes, so the work per event is one system call per
+// client. A client whose socket does not take a write at once leaves the
+// fast set for a goroutine of its own (client.loop), which finishes the
+// partly written bytes, serves it from its cursor under write_timeout like
+// any client, and hands it back once it is caught up. Each client has
+// exactly one writer at a time: the stream's writer or its own goroutine.
+
+// fanout is a stream's writer for its fast clients.
+type fanout struct {
+	s    *stream
+	poke chan struct{} // buffered: a publish or signal since the last pass
+
+	mu      sync.Mutex
+	adds    []*client // handed over, not yet merged into fast
+	running bool      // the writer goroutine runs; it ends when fast and adds are empty
+
+	// Owned by the writer goroutine.
+	fast []*client
+	// sent is where every fast client stands: all entries before it have
+	// been written to each.
+	sent uint64
+	// batch and batchNoRetry hold several entries' frames, coalesced
+	// once and written to every fast client
+	batch, batchNoRetry []byte
+	timer               *time.Timer
+}
+
+func newFanout(s *stream) *fanout {
+	return &fanout{s: s, poke: make(chan struct{}, 1)}
+}
+
+// wake makes the writer run a pass soon; it never blocks.
+func (f *fanout) wake() {
+	select {
+	case f.poke <- struct{}{}:
+	default:
+	}
+}
+
+// adopt hands a hijacked client to the writer. Its cursor is at most the
+// stream's head as the writer will next read it; the writer sends it what
+// it lacks from there, or gives it back to a goroutine of its own.
+func (f *fanout) adopt(c *client) {
+	f.mu.Lock()
+	f.adds = append(f.adds, c)
+	start := !f.running
+	f.running = true
+	f.mu.Unlock()
+	if start {
+		go f.run()
+		return
+	}
+	f.wake()
+}
+
+// run is the writer: a pass at each publish or signal, and at the next
+// keepalive or drain deadline, until no fast client is left.
+func (f *fanout) run() {
+	f.timer = time.NewTimer(time.Hour)
+	defer f.timer.Stop()
+	for {
+		next := f.pass()
+		f.mu.Lock()
+		if len(f.fast) == 0 && len(f.adds) == 0 {
+			f.running = false
+			f.mu.Unlock()
+			return
+		}
+		f.mu.Unlock()
+		if !next.IsZero() {
+			f.timer.Reset(time.Until(next))
+		}
+		select {
+		case <-f.poke:
+		case <-f.timer.C:
+		}
+		f.timer.Stop()
+	}
+}
+
+// pass writes what was published since the last pass to every fast
+// client, merges the clients handed over, and applies keepalives, drains,
+// exits and hang-ups. It returns when the next deadline falls (zero for
+// none).
+func (f *fanout) pass() (next time.Time) {
+	s := f.s
+	f.mu.Lock()
+	adds := f.adds
+	f.adds = nil
+	f.mu.Unlock()
+
+	s.mu.RLock()
+	if len(f.fast) == 0 {
+		f.sent = s.hist.head // nobody stands anywhere yet
+	}
+	evicted := f.sent < s.hist.oldest()
+	b := f.collect(f.sent)
+	catchUps := make([][]byte, len(adds))
+	var lagging, later []*client
+	for i, c := range adds {
+		switch {
+		case c.cursor > b.next:
+			later = append(later, c) // ahead of this pass: the next one
+		case c.cursor < s.hist.oldest():
+			lagging = append(lagging, c)
+		default:
+			catchUps[i] = s.hist.frames(c.cursor, b.next, c.h.Retry > 0)
+		}
+	}
+	final := s.state == stateFinal
+	head := s.hist.head
+	s.mu.RUnlock()
+
+	now := time.Now()
+	if evicted {
+		// the writer fell behind what the history holds (a burst into a
+		// small history): its clients resume by Last-Event-ID
+		f.finishAll(endLagging)
+	}
+	if b.next != f.sent {
+		f.sendAll(b, now)
+		f.sent = b.next
+	}
+	for i, c := range adds {
+		if !slices.Contains(later, c) && !slices.Contains(lagging, c) {
+			f.merge(c, catchUps[i], now)
+		}
+	}
+	for _, c := range lagging {
+		metrics.clientsDropped.WithLabelValues("lagging").Inc()
+		c.finish(endLagging)
+	}
+	if len(later) > 0 {
+		f.mu.Lock()
+		f.adds = append(f.adds, later...)
+		f.mu.Unlock()
+	}
+	if b.next != head || len(later) > 0 {
+		f.wake() // more than one batch was pending
+	}
+	return f.signals(now, final && b.next == head)
+}
+
+// batch is what one pass writes to every fast client.
+type batch struct {
+	all []byte // the frames from the writer's position
+	// noRetry is the same without the origin's retry lines, for clients
+	// whose handler sends its own; nil when there was none
+	noRetry []byte
+	// shared is true when the bytes are the writer's buffers, which the
+	// next pass reuses
+	shared bool
+	next   uint64 // the position after them
+}
+
+// collect gathers the frames from cursor towards the head, up to maxBatch
+// bytes. The caller holds the stream's read lock.
+func (f *fanout) collect(cursor uint64) batch {
+	h := &f.s.hist
+	if cursor >= h.head || cursor < h.oldest() {
+		return batch{next: h.head}
+	}
+	if e := h.at(cursor); h.head-cursor == 1 && e.kind != entryRetry {
+		return batch{all: e.frame, next: h.head} // as it is: no copy
+	}
+	all, noRetry := f.batch[:0], f.batchNoRetry[:0]
+	sawRetry := false
+	for ; cursor < h.head && len(all) < maxBatch; cursor++ {
+		e := h.at(cursor)
+		all = append(all, e.frame...)
+		if e.kind == entryRetry {
+			sawRetry = true
+			continue
+		}
+		noRetry = append(noRetry, e.frame...)
+	}
+	f.batch, f.batchNoRetry = keepSmall(all), keepSmall(noRetry)
+	b := batch{all: all, shared: true, next: cursor}
+	if sawRetry {
+		b.noRetry = noRetry
+	}
+	return b
+}
+
+// keepSmall keeps a buffer for reuse unless a burst grew it past need.
+func keepSmall(b []byte) []byte {
+	if cap(b) > 2*maxBatch {
+		return nil
+	}
+	return b
+}
+
+// shardMin is the fewest clients a writer hands to another core: below
+// it, starting a goroutine costs more than it saves.
+const shardMin = 512
+
+// sendAll writes a batch to every fast client; those whose sockets could
+// not take it at once leave the fast set. A large set is split into
+// shards written in parallel, one per core at most, so that one stream's
+// fan-out is not bound to one core; each client is in one shard.
+func (f *fanout) sendAll(b batch, now time.Time) {
+	shards := min(runtime.GOMAXPROCS(0), len(f.fast)/shardMin)
+	if shards < 2 {
+		f.fast = f.fast[:f.sendRange(f.fast, b, now)]
+		return
+	}
+	size := (len(f.fast) + shards - 1) / shards
+	kept := make([]int, shards)
+	var wg sync.WaitGroup
+	for i := 1; i < shards; i++ {
+		part := f.fast[i*size : min((i+1)*size, len(f.fast))]
+		wg.Go(func() { kept[i] = f.sendRange(part, b, now) })
+	}
+	kept[0] = f.sendRange(f.fast[:size], b, now)
+	wg.Wait()
+	// close the gaps the shards left
+	n := kept[0]
+	for i := 1; i < shards; i++ {
+		start := i * size
+		n += copy(f.fast[n:], f.fast[start:start+kept[i]])
+	}
+	clear(f.fast[n:])
+	f.fast = f.fast[:n]
+}
+
+// sendRange writes a batch to the clients of part, moves those that stay
+// to its front, and returns how many did.
+func (f *fanout) sendRange(part []*client, b batch, now time.Time) int {
+	kept := 0
+	for _, c := range part {
+		p := b.all
+		if b.noRetry != nil && c.h.Retry > 0 {
+			p = b.noRetry
+		}
+		if f.send(c, p, b.shared, b.next, now) {
+			part[kept] = c
+			kept++
+		}
+	}
+	clear(part[kept:])
+	return kept
+}
+
+// send writes p to a fast client without waiting, which then stands at
+// next. It reports false when the client left the fast set: to a
+// goroutine of its own with what its socket did not take, or ended.
+func (f *fanout) send(c *client, p []byte, shared bool, next uint64, now time.Time) bool {
+	n, err := c.sock.tryWrite(p)
+	c.sent += int64(n)
+	c.cursor = next
+	switch {
+	case err == nil && n == len(p):
+		c.lastWrite = now
+		return true
+	case err == nil || errors.Is(err, errWouldBlock):
+		rest := p[n:]
+		if shared {
+			rest = bytes.Clone(rest) // the batch buffer is reused
+		}
+		metrics.directStalls.Inc()
+		go c.slow(rest)
+		return false
+	default:
+		c.finish(endWriteFailed)
+		return false
+	}
+}
+
+// merge adds a handed-over client to the fast set once it has what it
+// lacked (catchUp; nil when that is more than a batch: back to its
+// goroutine).
+func (f *fanout) merge(c *client, catchUp []byte, now time.Time) {
+	if catchUp == nil && c.cursor != f.sent {
+		go c.slow(nil)
+		return
+	}
+	if len(catchUp) > 0 && !f.send(c, catchUp, false, f.sent, now) {
+		return
+	}
+	c.cursor = f.sent
+	if c.lastWrite.IsZero() {
+		c.lastWrite = now
+	}
+	f.fast = append(f.fast, c)
+}
+
+// signals ends the fast clients that must end (hang-up, exit, drain, the
+// stream's end) and writes keepalives to those idle long enough. It
+// returns the next deadline.
+func (f *fanout) signals(now time.Time, streamOver bool) (next time.Time) {
+	s := f.s
+	exit := closed(s.hub.exit)
+	torn := closed(s.done) && !streamOver
+	kept := f.fast[:0]
+	for _, c := range f.fast {
+		end := ""
+		switch {
+		case c.gone.Load():
+			end = endClientClosed
+		case exit:
+			end = endExit
+		case streamOver:
+			end = endUpstreamEnded
+		}
+		if end == "" && c.endAt.IsZero() && (torn || closed(c.h.stopping)) {
+			// its config is going away: it ends at its own point in the
+			// drain window, like a client on its own goroutine
+			c.endAt = now.Add(c.h.drainDelay())
+		}
+		if end == "" && !c.endAt.IsZero() && !now.Before(c.endAt) {
+			end = endDrained
+		}
+		if end != "" {
+			c.finish(end)
+			continue
+		}
+		if ka := time.Duration(c.h.Keepalive); ka > 0 {
+			due := c.lastWrite.Add(ka)
+			if !now.Before(due) {
+				if !f.send(c, keepaliveFrame, false, c.cursor, now) {
+					continue
+				}
+				due = now.Add(ka)
+			}
+			next = earliest(next, due)
+		}
+		if !c.endAt.IsZero() {
+			next = earliest(next, c.endAt)
+		}
+		kept = append(kept, c)
+	}
+	clear(f.fast[len(kept):])
+	f.fast = kept
+	return next
+}
+
+// finishAll ends every fast client.
+func (f *fanout) finishAll(end string) {
+	for _, c := range f.fast {
+		c.finish(end)
+	}
+	clear(f.fast)
+	f.fast = f.fast[:0]
+}
+
+func earliest(a, b time.Time) time.Time {
+	if a.IsZero() || b.Before(a) {
+		return b
+	}
+	return a
+}
+
+// keepaliveFrame is the keepalive comment as a chunk.
+var keepaliveFrame, _ = frameOf(keepaliveComment)
+
+// errWouldBlock is a write the socket could not take at once.
+var errWouldBlock = errors.New("socket buffer full")
+
+// rawSocket is a client's TCP socket after the hijack, written with one
+// non-blocking write(2) per call, without the runtime's poller. The
+// syscall.RawConn and its write callback are made once: making them
+// allocates.
+type rawSocket struct {
+	tcp *net.TCPConn
+	rc  syscall.RawConn
+	fn  func(fd uintptr) bool
+	p   []byte
+	n   int
+	err error
+}
+
+func newRawSocket(tcp *net.TCPConn) (*rawSocket, error) {
+	rc, err := tcp.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	s := &rawSocket{tcp: tcp, rc: rc}
+	s.fn = func(fd uintptr) bool {
+		for {
+			n, err := syscall.Write(int(fd), s.p)
+			if err == syscall.EINTR {
+				continue
+			}
+			s.n, s.err = max(n, 0), err
+			return true // done: never wait for the socket
+		}
+	}
+	return s, nil
+}
+
+// tryWrite writes what the socket takes now, never waiting: a short count
+// with errWouldBlock means the socket's buffer is full.
+func (s *rawSocket) tryWrite(p []byte) (int, error) {
+	s.p = p
+	err := s.rc.Write(s.fn)
+	s.p = nil
+	if err != nil {
+		return 0, err // closed, or a write deadline passed
+	}
+	if s.err == syscall.EAGAIN {
+		return s.n, errWouldBlock
+	}
+	return s.n, s.err
+}

@@ -1,0 +1,372 @@
+package ssefanout
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+)
+
+// The fast path: plaintext HTTP/1.1 clients are taken over after their
+// response head and written directly, one non-blocking write per event
+// while they keep up. These tests read the raw bytes (a chunked body that
+// must stay valid through every transition) and the module's own gauges.
+
+// rawStream opens a stream on a raw socket and returns a reader of its
+// chunked body, decoded by net/http's own chunked reader, so that any
+// framing error fails the read.
+func rawStream(t testing.TB, base, path string, recvBuf int) (net.Conn, *http.Response) {
+	t.Helper()
+	addr := strings.TrimPrefix(base, "http://")
+	conn, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if recvBuf > 0 {
+		_ = conn.(*net.TCPConn).SetReadBuffer(recvBuf)
+	}
+	t.Cleanup(func() { conn.Close() })
+	fmt.Fprintf(conn, "GET %s HTTP/1.1\r\nHost: %s\r\nAccept: text/event-stream\r\n\r\n", path, addr)
+	_ = conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = conn.SetReadDeadline(time.Time{})
+	if resp.StatusCode != http.StatusOK || len(resp.TransferEncoding) != 1 || resp.TransferEncoding[0] != "chunked" {
+		t.Fatalf("status %d, transfer encoding %v: want a 200 chunked stream", resp.StatusCode, resp.TransferEncoding)
+	}
+	return conn, resp
+}
+
+// readUntil reads the body until it holds want, or fails after within.
+func readUntil(t testing.TB, conn net.Conn, body io.Reader, got *strings.Builder, want string, within time.Duration) {
+	t.Helper()
+	_ = conn.SetReadDeadline(time.Now().Add(within))
+	defer conn.SetReadDeadline(time.Time{})
+	buf := make([]byte, 32<<10)
+	for !strings.Contains(got.String(), want) {
+		n, err := body.Read(buf)
+		got.Write(buf[:n])
+		if err != nil {
+			t.Fatalf("reading the stream: %v; want %q; got %q", err, truncate(want, 100), truncate(got.String(), 300))
+		}
+	}
+}
+
+func direct() float64 { return testutil.ToFloat64(metrics.directClients) }
+
+// A plaintext HTTP/1.1 client is written directly, its chunked body stays
+// valid, and its hang-up is seen within a second with keepalives off (no
+// write would ever fail), so its slot and its stream are freed.
+func TestDirectClientHangupFreesItsStream(t *testing.T) {
+	leakCheck(t)
+	o := newOrigin(t)
+	base := startCaddy(t, "sse_fanout "+o.URL+" {\n keepalive off\n linger off\n}")
+	conn, resp := rawStream(t, base, "/d", 0)
+	o.waitOpen(t, "/d", 1, 5*time.Second)
+	eventually(t, 5*time.Second, func() bool { return direct() == 1 }, func() string {
+		return fmt.Sprintf("%v direct clients, want the plaintext HTTP/1.1 one", direct())
+	})
+	var got strings.Builder
+	for i := 1; i <= 3; i++ {
+		o.send("/d", ev(i, fmt.Sprint("e", i)))
+	}
+	readUntil(t, conn, resp.Body, &got, ev(3, "e3"), 5*time.Second)
+	if got.String() != ev(1, "e1")+ev(2, "e2")+ev(3, "e3") {
+		t.Fatalf("direct client got %q", got.String())
+	}
+
+	closedAt := time.Now()
+	conn.Close()
+	o.waitOpen(t, "/d", 0, 5*time.Second) // linger off: the upstream closes with the last client
+	if d := time.Since(closedAt); d > time.Second {
+		t.Fatalf("a closed idle client was noticed after %v, want within 1 s", d)
+	}
+}
+
+// A client whose socket fills up leaves the fast set for a goroutine of its
+// own, finishes the partly written chunk, catches up, and comes back: its
+// body is valid chunked encoding holding every event exactly once, in
+// order.
+func TestStalledClientCatchesUpAndReturns(t *testing.T) {
+	leakCheck(t)
+	o := newOrigin(t)
+	base := startCaddy(t, "sse_fanout "+o.URL+" {\n history 5000\n history_bytes 64MiB\n client_send_buffer 8KiB\n keepalive off\n linger off\n}")
+	conn, resp := rawStream(t, base, "/slow", 4096)
+	o.waitOpen(t, "/slow", 1, 5*time.Second)
+	eventually(t, 5*time.Second, func() bool { return direct() == 1 }, func() string { return "not a direct client" })
+
+	stalls := testutil.ToFloat64(metrics.directStalls)
+	const n = 400
+	payload := strings.Repeat("x", 1000)
+	var want strings.Builder
+	for i := 1; i <= n; i++ {
+		o.send("/slow", ev(i, payload))
+		want.WriteString(ev(i, payload))
+	}
+	// the client reads nothing for a while: its socket fills
+	time.Sleep(500 * time.Millisecond)
+	if got := testutil.ToFloat64(metrics.directStalls) - stalls; got < 1 {
+		t.Fatalf("%v stalls: the client's socket never filled, the test did not exercise the slow path", got)
+	}
+	var got strings.Builder
+	readUntil(t, conn, resp.Body, &got, ev(n, payload), 20*time.Second)
+	// and then live events, written directly again
+	o.send("/slow", ev(n+1, "live"))
+	want.WriteString(ev(n+1, "live"))
+	readUntil(t, conn, resp.Body, &got, ev(n+1, "live"), 10*time.Second)
+	if got.String() != want.String() {
+		t.Fatalf("the stalled client's events differ from what was sent (%d bytes, want %d)", got.Len(), want.Len())
+	}
+	// handed back: no goroutine serves it any more, its stream's writer
+	// does
+	eventually(t, 5*time.Second, func() bool { return goroutinesIn("(*client).loop") == 0 }, func() string {
+		return "the caught-up client still has a goroutine of its own"
+	})
+	if direct() != 1 {
+		t.Fatalf("%v direct clients", direct())
+	}
+}
+
+// goroutinesIn counts the goroutines with fn in their stacks.
+func goroutinesIn(fn string) int {
+	buf := make([]byte, 8<<20)
+	buf = buf[:runtime.Stack(buf, true)]
+	return strings.Count(string(buf), fn+"(")
+}
+
+// serverSndbuf returns SO_SNDBUF of the socket in this process whose peer
+// is conn's local end: the proxy's side of a test client's connection.
+func serverSndbuf(t testing.TB, conn net.Conn) int {
+	t.Helper()
+	local := conn.LocalAddr().(*net.TCPAddr)
+	entries, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range entries {
+		fd, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		peer, err := syscall.Getpeername(fd)
+		if sa, ok := peer.(*syscall.SockaddrInet4); err == nil && ok && sa.Port == local.Port && net.IP(sa.Addr[:]).Equal(local.IP) {
+			n, err := syscall.GetsockoptInt(fd, syscall.SOL_SOCKET, syscall.SO_SNDBUF)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return n
+		}
+	}
+	t.Fatalf("no socket of this process is the peer of %v", local)
+	return 0
+}
+
+// HTTP/1.0, TLS-less HTTP/2 (h2c) and a server that speaks only HTTP/1.1
+// behind Caddy's protocol check: the first two stay on net/http, the last
+// is reached through Caddy's wrapper, written directly, and gets its
+// client_send_buffer.
+func TestDirectPathReach(t *testing.T) {
+	leakCheck(t)
+	o := newOrigin(t)
+	port := freePort(t)
+	loadCaddyfile(t, fmt.Sprintf(`{
+	admin off
+	auto_https off
+	persist_config off
+	grace_period 2s
+	servers {
+		protocols h1
+	}
+}
+http://127.0.0.1:%d {
+	bind 127.0.0.1
+	sse_fanout %s {
+		client_send_buffer 64KiB
+		linger 200ms
+	}
+}
+`, port, o.URL))
+	t.Cleanup(func() { _ = caddy.Stop() })
+	base := fmt.Sprintf("http://127.0.0.1:%d", port)
+	waitUp(t, base)
+
+	// HTTP/1.0 cannot carry a chunked body: served through net/http
+	conn, err := net.Dial("tcp", strings.TrimPrefix(base, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	fmt.Fprintf(conn, "GET /old HTTP/1.0\r\nHost: %s\r\nAccept: text/event-stream\r\n\r\n", strings.TrimPrefix(base, "http://"))
+	o.waitOpen(t, "/old", 1, 5*time.Second)
+	time.Sleep(100 * time.Millisecond)
+	if d := direct(); d != 0 {
+		t.Fatalf("an HTTP/1.0 client was taken over (%v direct clients)", d)
+	}
+	o.send("/old", ev(1, "old"))
+	r := bufio.NewReader(conn)
+	_ = conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	var head strings.Builder
+	for !strings.HasSuffix(head.String(), ev(1, "old")) {
+		line, err := r.ReadString('\n')
+		head.WriteString(line)
+		if err != nil {
+			t.Fatalf("HTTP/1.0 client: %v after %q", err, head.String())
+		}
+	}
+	conn.Close()
+
+	// HTTP/1.1 behind `protocols h1`: Caddy wraps the connection; the
+	// module reaches through and takes it over
+	c2, resp := rawStream(t, base, "/h1", 0)
+	o.waitOpen(t, "/h1", 1, 5*time.Second)
+	eventually(t, 5*time.Second, func() bool { return direct() == 1 }, func() string {
+		return "an HTTP/1.1 client behind `protocols h1` was not written directly"
+	})
+	// Linux doubles what is asked, for its bookkeeping
+	if sndbuf := serverSndbuf(t, c2); sndbuf != 2*64<<10 {
+		t.Errorf("SO_SNDBUF of the client behind `protocols h1` is %d, want client_send_buffer's 64KiB (doubled by Linux: %d)", sndbuf, 2*64<<10)
+	}
+	var got strings.Builder
+	o.send("/h1", ev(1, "h1"))
+	readUntil(t, c2, resp.Body, &got, ev(1, "h1"), 5*time.Second)
+}
+
+// With access logs on, Caddy logs a hijacked stream when it is taken
+// over; the module logs its end: status, bytes, duration, reason and the
+// stream's hash.
+func TestDirectStreamEndIsLogged(t *testing.T) {
+	leakCheck(t)
+	logFile := filepath.Join(t.TempDir(), "access.log")
+	o := newOrigin(t)
+	port := freePort(t)
+	loadCaddyfile(t, fmt.Sprintf(`{
+	admin off
+	auto_https off
+	persist_config off
+	grace_period 2s
+	log {
+		output file %s
+		level INFO
+	}
+}
+http://127.0.0.1:%d {
+	bind 127.0.0.1
+	log {
+		output file %s
+	}
+	sse_fanout %s {
+		linger off
+	}
+}
+`, logFile, port, logFile, o.URL))
+	t.Cleanup(func() { _ = caddy.Stop() })
+	base := fmt.Sprintf("http://127.0.0.1:%d", port)
+	waitUp(t, base)
+	conn, resp := rawStream(t, base, "/logged", 0)
+	o.waitOpen(t, "/logged", 1, 5*time.Second)
+	var got strings.Builder
+	o.send("/logged", ev(1, "x"))
+	readUntil(t, conn, resp.Body, &got, ev(1, "x"), 5*time.Second)
+	conn.Close()
+	var lines []string
+	eventually(t, 5*time.Second, func() bool {
+		data, _ := os.ReadFile(logFile)
+		lines = strings.Split(string(data), "\n")
+		for _, l := range lines {
+			if strings.Contains(l, `"msg":"stream ended"`) {
+				return true
+			}
+		}
+		return false
+	}, func() string { return "no stream ended line in the log:\n" + strings.Join(lines, "\n") })
+	var access, ended string
+	for _, l := range lines {
+		switch {
+		case strings.Contains(l, `"msg":"handled request"`):
+			access = l
+		case strings.Contains(l, `"msg":"stream ended"`):
+			ended = l
+		}
+	}
+	if !strings.Contains(access, `"status":200`) {
+		t.Errorf("access log entry: %q", access)
+	}
+	for _, want := range []string{`"status":200`, `"reason":"client closed"`, `"stream":"`, `"duration":`, `"bytes":`} {
+		if !strings.Contains(ended, want) {
+			t.Errorf("stream ended line %q lacks %s", ended, want)
+		}
+	}
+	if strings.Contains(ended, `"bytes":0`) {
+		t.Errorf("stream ended line counts no bytes: %q", ended)
+	}
+}
+
+// An HTTP/2 client over cleartext (h2c) behind a server that speaks only
+// h2c, which Caddy wraps: it stays on net/http (streams share its
+// connection), and its connection still gets client_send_buffer.
+func TestSendBufferUnderH2c(t *testing.T) {
+	leakCheck(t)
+	o := newOrigin(t)
+	port := freePort(t)
+	loadCaddyfile(t, fmt.Sprintf(`{
+	admin off
+	auto_https off
+	persist_config off
+	grace_period 2s
+	servers {
+		protocols h2c
+	}
+}
+http://127.0.0.1:%d {
+	bind 127.0.0.1
+	sse_fanout %s {
+		client_send_buffer 64KiB
+		linger 200ms
+	}
+}
+`, port, o.URL))
+	t.Cleanup(func() { _ = caddy.Stop() })
+	base := fmt.Sprintf("http://127.0.0.1:%d", port)
+	waitUp(t, base)
+
+	var dialed net.Conn
+	h2c := &http.Transport{Protocols: new(http.Protocols), DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+		c, err := (&net.Dialer{}).DialContext(ctx, network, addr)
+		dialed = c
+		return c, err
+	}}
+	h2c.Protocols.SetUnencryptedHTTP2(true)
+	defer h2c.CloseIdleConnections()
+	c, err := tryConnect(h2c, base+"/h2c", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.close)
+	if c.resp.ProtoMajor != 2 {
+		t.Fatalf("client spoke HTTP/%d, want 2", c.resp.ProtoMajor)
+	}
+	o.waitOpen(t, "/h2c", 1, 5*time.Second)
+	o.send("/h2c", ev(1, "h2c"))
+	c.waitFor(t, ev(1, "h2c"), 5*time.Second)
+	if d := direct(); d != 0 {
+		t.Errorf("an HTTP/2 client was taken over (%v direct clients)", d)
+	}
+	if sndbuf := serverSndbuf(t, dialed); sndbuf != 2*64<<10 {
+		t.Errorf("SO_SNDBUF of the h2c client's connection is %d, want client_send_buffer's 64KiB (doubled by Linux: %d)", sndbuf, 2*64<<10)
+	}
+}
