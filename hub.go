@@ -3,11 +3,11 @@ package ssefanout
 import (
 	"context"
 	"fmt"
-	"sync/atomic"
 	"net/http"
 	"net/url"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
