@@ -51,6 +51,7 @@ type streamStatus struct {
 	Published      uint64 `json:"published"`
 	RetryMillis    int64  `json:"origin_retry_ms,omitempty"`
 	LastEventIDLen int    `json:"last_event_id_length"`
+	CatchUps       int    `json:"catch_ups"`
 }
 
 func (adminStreams) serve(w http.ResponseWriter, r *http.Request) error {
@@ -79,6 +80,9 @@ func (h *hub) status() hubStatus {
 	}
 	h.mu.Unlock()
 	for i, s := range streams {
+		s.cuMu.Lock()
+		catchUps := len(s.catchUps)
+		s.cuMu.Unlock()
 		s.mu.RLock()
 		hs.Streams = append(hs.Streams, streamStatus{
 			Stream:         s.name,
@@ -89,6 +93,7 @@ func (h *hub) status() hubStatus {
 			Published:      s.hist.head,
 			RetryMillis:    s.retry,
 			LastEventIDLen: len(s.lastID),
+			CatchUps:       catchUps,
 		})
 		s.mu.RUnlock()
 	}

@@ -48,6 +48,12 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    upstream_idle_timeout <duration>
 //	    drain                 <duration>
 //	    client_send_buffer    <size>|off
+//	    catch_up              off
+//	    max_catch_ups         <n>|off
+//	    catch_up_timeout      <duration>
+//	    catch_up_events       <n>
+//	    assign_ids
+//	    replay_since          <duration>
 //	    transport http {
 //	        <reverse_proxy http transport options>
 //	    }
@@ -114,6 +120,23 @@ func (h *Handler) unmarshalOption(d *caddyfile.Dispenser, opt string) error {
 		h.Drain, err = durationArg(d, opt, false)
 	case "client_send_buffer":
 		h.ClientSendBuffer, err = sizeArg(d, opt, true)
+	case "catch_up":
+		if !d.NextArg() || d.Val() != "off" {
+			return d.Errf("catch_up: the only value is 'off' (catch-ups are on by default; max_catch_ups sets how many)")
+		}
+		h.MaxCatchUps = -1
+		return noMoreArgs(d, opt)
+	case "max_catch_ups":
+		h.MaxCatchUps, err = intArg(d, opt, 1, true)
+	case "catch_up_timeout":
+		h.CatchUpTimeout, err = durationArg(d, opt, false)
+	case "catch_up_events":
+		h.CatchUpEvents, err = intArg(d, opt, 1, false)
+	case "assign_ids":
+		h.AssignIDs = true
+		return noMoreArgs(d, opt)
+	case "replay_since":
+		h.ReplaySince, err = durationArg(d, opt, false)
 	case "vary":
 		args := d.RemainingArgs()
 		if len(args) == 0 {
@@ -206,6 +229,11 @@ func (h *Handler) unmarshalTransport(d *caddyfile.Dispenser) error {
 // so that a bad value is reported with its file and the line of the option
 // that has to change.
 func (h *Handler) checkCaddyfile(d *caddyfile.Dispenser, at map[string]caddyfile.Token) error {
+	if _, off := at["catch_up"]; off {
+		if tok, both := at["max_catch_ups"]; both {
+			return errAt(tok, errors.New("max_catch_ups: catch-ups are turned off by 'catch_up off'; keep one of the two"))
+		}
+	}
 	eff := h.withDefaults()
 	err := eff.Validate()
 	if err == nil {

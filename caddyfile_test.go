@@ -101,7 +101,7 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		{"extra arg", "sse_fanout http://a {\n replay 1 2\n}", `replay: unexpected extra argument "2"`},
 		{"duplicate", "sse_fanout http://a {\n replay 1\n replay 2\n}", "replay: specified more than once"},
 		{"replay over history", "sse_fanout http://a {\n history 10\n replay 11\n}", "replay: must be between 0 and history"},
-		{"history_bytes under max_event_size", "sse_fanout http://a {\n history_bytes 1KiB\n max_event_size 1MiB\n}", "history_bytes (1024) must be at least max_event_size"},
+		{"history_bytes under max_event_size", "sse_fanout http://a {\n history_bytes 1KiB\n max_event_size 1MiB\n}", "history_bytes (1024) must hold one largest event"},
 		{"request placeholder in header_up", "sse_fanout http://a {\n header_up X-User {http.request.header.X-User}\n}", "forward the client's header with 'vary X-User'"},
 		{"header_up without value", "sse_fanout http://a {\n header_up X-A\n}", "missing value"},
 		{"vary without names", "sse_fanout http://a {\n vary\n}", "vary: needs at least one"},
@@ -134,7 +134,7 @@ func TestCaddyfileErrorsNameTheLineToChange(t *testing.T) {
 		name, input, want, line string
 	}{
 		{"history_bytes under max_event_size", "sse_fanout http://a {\n history 5\n history_bytes 1KiB\n max_event_size 1MiB\n}", "raise history_bytes or lower max_event_size", "Testfile:3"},
-		{"max_event_size over the default history_bytes", "sse_fanout http://a {\n history 5\n max_event_size 32MiB\n}", "must be at least max_event_size", "Testfile:3"},
+		{"max_event_size over the default history_bytes", "sse_fanout http://a {\n history 5\n max_event_size 32MiB\n}", "must hold one largest event", "Testfile:3"},
 		{"replay over history", "sse_fanout http://a {\n replay 11\n keepalive 5s\n history 10\n}", "replay: must be between 0 and history", "Testfile:2"},
 		{"replay over the default history", "sse_fanout http://a {\n keepalive 5s\n replay 1001\n}", "replay: must be between 0 and history", "Testfile:3"},
 		{"proxy_protocol in transport", "sse_fanout http://a {\n history 5\n transport http {\n  dial_timeout 1s\n  proxy_protocol v2\n }\n}", "proxy_protocol is not supported", "Testfile:5"},

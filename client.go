@@ -62,6 +62,14 @@ type client struct {
 	started   time.Time
 	sent      int64     // bytes written since the hijack
 	lastWrite time.Time // for keepalives while its stream's writer has it
+
+	// unknownID is the client's Last-Event-ID when the history lacks it:
+	// the client is caught up from the origin before its loop, or starts
+	// live with a gap.
+	unknownID    string
+	hasUnknownID bool
+	// arrived is the stream's head when the client arrived.
+	arrived uint64
 }
 
 // serveClient runs a client's stream until it, its stream, its config or
@@ -215,22 +223,22 @@ func (c *client) start(last lastID, arrived uint64) (prelude []byte, respHeader 
 	if s.state == stateFinal {
 		return nil, nil, s.final
 	}
+	c.arrived = arrived
 	found := false
 	if last.set {
 		c.cursor, found = s.find(last.id)
 		if found {
 			metrics.resumes.WithLabelValues("history").Inc()
 		} else {
-			metrics.resumes.WithLabelValues("live").Inc()
-			if ce := h.logger.Check(zapcore.DebugLevel, "Last-Event-ID not in history, client starts live"); ce != nil {
-				ce.Write(zap.String("stream", s.name), zap.Int("id_length", len(last.id)))
-			}
+			// caught up from the origin, or live with a gap: decided
+			// by its loop, which may have to wait for a slot
+			c.unknownID, c.hasUnknownID = last.id, true
 		}
 	}
 	if !found {
 		// what was published while the client waited for the origin's
 		// first answer is live to it, not history
-		c.cursor = min(s.hist.replayStart(h.Replay), arrived)
+		c.cursor = min(h.replayStart(s), arrived)
 	}
 	var pre []byte
 	// the origin's latest retry line, when still ahead of the cursor,
@@ -238,11 +246,30 @@ func (c *client) start(last lastID, arrived uint64) (prelude []byte, respHeader 
 	if retry, ok := h.retryMillis(s); ok && (h.Retry > 0 || s.retryNext <= c.cursor) {
 		pre = appendRetry(pre, retry)
 	}
-	// a client resumed at the head already has the committed id
-	if !found && c.cursor == s.hist.head && s.hasID {
+	// a client starting at the head gets the committed id, so that it
+	// can resume before its first event (one to be caught up gets its
+	// ids from the catch-up)
+	if !found && !c.hasUnknownID && c.cursor == s.hist.head && s.hasID {
 		pre = appendIDBlock(pre, s.lastID)
 	}
+	// while the origin is down or silent, a first comment at once: an
+	// empty body until the first keepalive is what some intermediaries
+	// and clients time out on
+	if s.state != stateLive && c.cursor == s.hist.head {
+		pre = append(pre, keepaliveComment...)
+	}
 	return pre, s.respHeader, nil
+}
+
+// replayStart is where a new client without Last-Event-ID starts: replay
+// events back, or replay_since back in time, whichever reaches further.
+// The caller holds s.mu.
+func (h *Handler) replayStart(s *stream) uint64 {
+	start := s.hist.replayStart(h.Replay)
+	if h.ReplaySince > 0 {
+		start = min(start, s.hist.sinceStart(time.Now().Add(-time.Duration(h.ReplaySince)).UnixNano()))
+	}
+	return start
 }
 
 // retryMillis is the reconnection time to send clients: the handler's
@@ -318,6 +345,11 @@ func (c *client) loop(done <-chan struct{}) (end string) {
 	}
 	if !c.endAt.IsZero() && !startDrain() { // handed back while draining
 		return endDrained
+	}
+	if c.hasUnknownID {
+		if end := c.resume(done); end != "" {
+			return end
+		}
 	}
 	// a batch buffer is borrowed only while several entries are coalesced,
 	// so an idle client holds none
@@ -407,6 +439,46 @@ func (c *client) loop(done <-chan struct{}) (end string) {
 			return endClientClosed
 		}
 	}
+}
+
+// resume serves a client whose Last-Event-ID the history lacks: from a
+// catch-up, until it splices onto the shared stream, or live from where it
+// arrived with a gap counted when no catch-up can be had.
+func (c *client) resume(done <-chan struct{}) (end string) {
+	id := c.unknownID
+	c.unknownID, c.hasUnknownID = "", false
+	h, s := c.h, c.s
+	if h.MaxCatchUps < 0 || s.hub.assignIDs {
+		return c.startLive(gapNotFound)
+	}
+	cu, r, reason := s.joinCatchUp(id, h.MaxCatchUps, done)
+	if cu == nil {
+		return c.startLive(reason)
+	}
+	return c.followCatchUp(cu, r, done)
+}
+
+// startLive counts a resume gap and sends the client the committed id, as
+// a client starting live gets it.
+func (c *client) startLive(reason string) (end string) {
+	c.gap(reason)
+	s := c.s
+	s.mu.RLock()
+	var idBlock []byte
+	if c.cursor == s.hist.head && s.hasID {
+		idBlock = appendIDBlock(nil, s.lastID)
+	}
+	s.mu.RUnlock()
+	if idBlock == nil {
+		return ""
+	}
+	if c.sock != nil {
+		idBlock, _ = frameOf(idBlock)
+	}
+	if err := c.write(idBlock); err != nil {
+		return writeEnd(err)
+	}
+	return ""
 }
 
 // handBack gives a caught-up hijacked client to its stream's writer. The

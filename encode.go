@@ -161,6 +161,18 @@ func cutDataLine(data []byte, crs bool) (line, rest []byte, more bool) {
 	return data[:i], data[j:], true
 }
 
+// maxEncodedEvent is the most bytes an event with maxEventSize bytes of
+// data takes in the history: data made only of line ends is written as one
+// "data:" line per line (6 bytes for each byte of data, and one more
+// line), plus an id and a type at their bounds, the blank line and the
+// chunk framing.
+func maxEncodedEvent(maxEventSize int64) int64 {
+	const idLine = len("id: \n") + maxFieldLen
+	const typeLine = len("event: \n") + maxFieldLen
+	const framing = 16 + 4 // hex size and two CRLFs
+	return 6*(maxEventSize+1) + int64(idLine+typeLine+1+framing)
+}
+
 // The HTTP/1.1 chunk framing of history entries: each entry is framed once
 // as the chunk that clients whose sockets are written directly get, in its
 // own buffer (see entry).

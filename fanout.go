@@ -7,6 +7,7 @@ import (
 	"runtime"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -27,6 +28,13 @@ import (
 type fanout struct {
 	s    *stream
 	poke chan struct{} // buffered: a publish or signal since the last pass
+	// progress is signalled after each pass, for a publisher waiting for
+	// room (see stream.append)
+	progress chan struct{}
+	// sentAt mirrors sent for publishers, and is zero while the writer
+	// has no fast client
+	sentAt atomic.Uint64
+	active atomic.Bool
 
 	mu      sync.Mutex
 	adds    []*client // handed over, not yet merged into fast
@@ -44,7 +52,7 @@ type fanout struct {
 }
 
 func newFanout(s *stream) *fanout {
-	return &fanout{s: s, poke: make(chan struct{}, 1)}
+	return &fanout{s: s, poke: make(chan struct{}, 1), progress: make(chan struct{}, 1)}
 }
 
 // wake makes the writer run a pass soon; it never blocks.
@@ -61,6 +69,11 @@ func (f *fanout) wake() {
 func (f *fanout) adopt(c *client) {
 	f.mu.Lock()
 	f.adds = append(f.adds, c)
+	// publishers keep what it has not been sent yet until it is merged
+	if !f.active.Load() || c.cursor < f.sentAt.Load() {
+		f.sentAt.Store(c.cursor)
+	}
+	f.active.Store(true)
 	start := !f.running
 	f.running = true
 	f.mu.Unlock()
@@ -79,6 +92,18 @@ func (f *fanout) run() {
 	for {
 		next := f.pass()
 		f.mu.Lock()
+		// where the writer's clients stand, for publishers: the least of
+		// its position and those of the clients waiting to be merged
+		sentAt := f.sent
+		for _, c := range f.adds {
+			sentAt = min(sentAt, c.cursor)
+		}
+		f.sentAt.Store(sentAt)
+		f.active.Store(len(f.fast) > 0 || len(f.adds) > 0)
+		select {
+		case f.progress <- struct{}{}:
+		default:
+		}
 		if len(f.fast) == 0 && len(f.adds) == 0 {
 			f.running = false
 			f.mu.Unlock()
@@ -169,6 +194,27 @@ type batch struct {
 	// next pass reuses
 	shared bool
 	next   uint64 // the position after them
+}
+
+// blocks reports whether appending size bytes would evict an entry that
+// the writer has not yet sent to its clients. The caller holds the
+// stream's lock.
+func (f *fanout) blocks(size int) bool {
+	h := &f.s.hist
+	full := h.count > 0 && (h.count >= h.limit || h.bytes+int64(size) > h.maxBytes)
+	return full && f.active.Load() && f.sentAt.Load() <= h.oldest()
+}
+
+// waitProgress waits for the writer's next pass, at most until deadline.
+func (f *fanout) waitProgress(deadline time.Time) bool {
+	t := time.NewTimer(time.Until(deadline))
+	defer t.Stop()
+	select {
+	case <-f.progress:
+		return true
+	case <-t.C:
+		return false
+	}
 }
 
 // collect gathers the frames from cursor towards the head, up to maxBatch

@@ -108,7 +108,9 @@ func TestStalledClientCatchesUpAndReturns(t *testing.T) {
 	base := startCaddy(t, "sse_fanout "+o.URL+" {\n history 5000\n history_bytes 64MiB\n client_send_buffer 8KiB\n keepalive off\n linger off\n}")
 	conn, resp := rawStream(t, base, "/slow", 4096)
 	o.waitOpen(t, "/slow", 1, 5*time.Second)
-	eventually(t, 5*time.Second, func() bool { return direct() == 1 }, func() string { return "not a direct client" })
+	eventually(t, 5*time.Second, func() bool { return direct() == 1 && goroutinesIn("(*client).loop") == 0 }, func() string {
+		return "not a direct client in its stream's writer"
+	})
 
 	stalls := testutil.ToFloat64(metrics.directStalls)
 	const n = 400

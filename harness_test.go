@@ -460,7 +460,8 @@ func checkNoLeaks(t testing.TB) {
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		n, sample := pkgGoroutines()
-		streams, clients, conns := testutil.ToFloat64(metrics.streams), testutil.ToFloat64(metrics.clients), testutil.ToFloat64(metrics.upstreamConns)
+		streams, clients := testutil.ToFloat64(metrics.streams), testutil.ToFloat64(metrics.clients)
+		conns := upstreamConns()
 		direct := testutil.ToFloat64(metrics.directClients)
 		if n == 0 && streams == 0 && clients == 0 && conns == 0 && direct == 0 {
 			return
@@ -470,6 +471,13 @@ func checkNoLeaks(t testing.TB) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// upstreamConns is the upstream connections gauge summed over its
+// sources.
+func upstreamConns() float64 {
+	return testutil.ToFloat64(metrics.upstreamConns.WithLabelValues(sourceStream)) +
+		testutil.ToFloat64(metrics.upstreamConns.WithLabelValues(sourceCatchUp))
 }
 
 // leakCheck registers checkNoLeaks to run after the test's other cleanups

@@ -26,6 +26,8 @@ type entry struct {
 	kind   entryKind
 	// retry is a retry line's value in ms (entryRetry).
 	retry int64
+	// at is when the entry was published, in Unix nanoseconds.
+	at int64
 	// off is the stream's byte count before this entry, to measure how far
 	// behind a client is in bytes.
 	off uint64
@@ -124,6 +126,32 @@ func (h *history) find(id string) (uint64, bool) {
 		}
 	}
 	return 0, false
+}
+
+// findUnique returns the sequence number after the one entry that set id,
+// if exactly one held entry did: an id held twice is no splice point.
+func (h *history) findUnique(id string) (uint64, bool) {
+	var found uint64
+	n := 0
+	for seq := h.head; seq > h.oldest(); seq-- {
+		if e := h.at(seq - 1); e.setsID && e.id == id {
+			found = seq
+			if n++; n > 1 {
+				return 0, false
+			}
+		}
+	}
+	return found, n == 1
+}
+
+// sinceStart returns the sequence number of the oldest held entry
+// published at or after t (the head when none was).
+func (h *history) sinceStart(t int64) uint64 {
+	seq := h.head
+	for seq > h.oldest() && h.at(seq-1).at >= t {
+		seq--
+	}
+	return seq
 }
 
 // replayStart returns the sequence number n events back from the head.

@@ -382,3 +382,21 @@ func TestFlappingOrigin(t *testing.T) {
 		t.Fatalf("a client's stream ended (flap %v, legit %v)", flapper.ended(), lc.ended())
 	}
 }
+
+// While the origin is unreachable, a client gets its 200, headers and a
+// first comment at once, not an empty body until the first keepalive
+// (15 s by default).
+func TestFirstCommentWhileOriginDown(t *testing.T) {
+	leakCheck(t)
+	down := freePort(t)
+	base := startCaddy(t, fmt.Sprintf("sse_fanout http://127.0.0.1:%d {\n status_wait 200ms\n linger off\n}", down))
+	start := time.Now()
+	c := connect(t, base+"/down", nil)
+	if c.resp.StatusCode != http.StatusOK {
+		t.Fatalf("status %d", c.resp.StatusCode)
+	}
+	eventually(t, 3*time.Second, func() bool { return strings.HasPrefix(c.bytes(), ":") }, func() string {
+		return fmt.Sprintf("no comment within 3 s of connecting to a stream whose origin is down; got %q", c.bytes())
+	})
+	t.Logf("first comment after %v", time.Since(start).Round(time.Millisecond))
+}

@@ -73,6 +73,8 @@ type hub struct {
 	tmpl     *upstreamTemplate
 	vary     []string
 	headerUp *headers.HeaderOps
+	// assignIDs gives events the proxy's own ids (part of the identity).
+	assignIDs bool
 
 	// ctx is the hub's own lifetime, not a config's: it ends when the last
 	// config using the hub is gone.
@@ -86,6 +88,8 @@ type hub struct {
 	// hijacked counts the clients whose sockets the module owns: net/http
 	// no longer knows them, so an exiting process waits for their ends.
 	hijacked atomic.Int64
+	// catchUps counts the catch-up requests of all streams at once.
+	catchUps atomic.Int64
 
 	mu      sync.Mutex
 	streams map[string]*stream
@@ -212,7 +216,7 @@ func (h *hub) attach(key string, target *url.URL, reqHeader http.Header, last la
 			return nil, 0, "max_streams"
 		}
 		initialID := ""
-		if last.set {
+		if last.set && !h.assignIDs { // a proxy id means nothing to the origin
 			initialID = last.id
 		}
 		s = newStream(h, key, target, h.forwardHeader(reqHeader), initialID, h.active.settings)

@@ -85,7 +85,7 @@ http://127.0.0.1:%d {
 			linger off
 			status_wait 500ms
 			max_event_size 1KiB
-			history_bytes 1KiB
+			history_bytes 16KiB
 			upstream_idle_timeout 500ms
 			transport http {
 				response_header_timeout 500ms

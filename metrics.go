@@ -3,6 +3,7 @@ package ssefanout
 import (
 	"errors"
 	"fmt"
+	"slices"
 
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -20,7 +21,7 @@ var metrics = struct {
 	streams        prometheus.Gauge
 	clients        prometheus.Gauge
 	directClients  prometheus.Gauge
-	upstreamConns  prometheus.Gauge
+	upstreamConns  *prometheus.GaugeVec
 	attempts       *prometheus.CounterVec
 	directStalls   prometheus.Counter
 	events         prometheus.Counter
@@ -28,6 +29,7 @@ var metrics = struct {
 	clientsDropped *prometheus.CounterVec
 	refused        *prometheus.CounterVec
 	resumes        *prometheus.CounterVec
+	resumeGaps     *prometheus.CounterVec
 }{
 	streams: newGauge("streams",
 		"Streams held open, each with one upstream (connected or retrying)."),
@@ -37,24 +39,28 @@ var metrics = struct {
 		"Clients (of those in clients) whose connections the module took over to write them directly: plaintext HTTP/1.1. The others are served through net/http (TLS, HTTP/2, HTTP/3)."),
 	directStalls: newCounter("direct_client_stalls_total",
 		"Times a directly written client's socket did not take a write at once, and the client moved to a goroutine of its own until it caught up: slow readers or full networks."),
-	upstreamConns: newGauge("upstream_connections",
-		"Upstream event-stream responses being read."),
+	upstreamConns: newGaugeVec("upstream_connections",
+		"Upstream event-stream responses being read, by source: stream (a stream's shared connection) or catch_up (a resuming client's).",
+		"source", sourceStream, sourceCatchUp),
 	attempts: newCounterVec("upstream_attempts_total",
-		"Upstream requests by outcome: stream, transient (unreachable, 429, 502, 503, 504), permanent (any other answer).",
-		"outcome", "stream", "transient", "permanent"),
+		"Upstream requests by source (stream, catch_up) and outcome: stream, transient (unreachable, 429, 502, 503, 504), permanent (any other answer).",
+		[]string{"source", "outcome"}, []string{sourceStream, sourceCatchUp}, []string{"stream", "transient", "permanent"}),
 	events: newCounter("events_total",
 		"Events received from upstreams (each fanned out to every client of its stream)."),
 	eventsSkipped: newCounter("events_skipped_total",
 		"Upstream events skipped for being larger than max_event_size."),
 	clientsDropped: newCounterVec("clients_dropped_total",
 		"Clients disconnected by the proxy: lagging (more than 3/4 of the history behind) or write_timeout (a write stayed blocked for write_timeout).",
-		"reason", "lagging", "write_timeout"),
+		[]string{"reason"}, []string{"lagging", "write_timeout"}),
 	refused: newCounterVec("requests_refused_total",
 		"Requests turned away by a limit: max_clients or max_streams.",
-		"limit", "max_clients", "max_streams"),
+		[]string{"limit"}, []string{"max_clients", "max_streams"}),
 	resumes: newCounterVec("resumes_total",
-		"Clients that sent Last-Event-ID, by whether it was found in the history.",
-		"result", "history", "live"),
+		"Clients that sent Last-Event-ID, by how they resumed: history (found in it), catch_up (caught up from the origin and spliced), live (with a gap: see resume_gaps_total).",
+		[]string{"result"}, []string{"history", "catch_up", "live"}),
+	resumeGaps: newCounterVec("resume_gaps_total",
+		"Resumes that could not give the client every event after its Last-Event-ID, by reason: not_found (no catch-up to ask: catch_up off, assign_ids, or the stream not live), no_slot (the catch-up bounds kept it out for 2 s), catch_up_failed (the origin answered no event stream), unmet (the ids did not meet within catch_up_timeout or catch_up_events), origin_ignored (the catch-up started at the live head).",
+		[]string{"reason"}, []string{gapNotFound, gapNoSlot, gapFailed, gapUnmet, gapOriginIgnore}),
 }
 
 func newGauge(name, help string) prometheus.Gauge {
@@ -65,15 +71,40 @@ func newCounter(name, help string) prometheus.Counter {
 	return prometheus.NewCounter(prometheus.CounterOpts{Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: name, Help: help})
 }
 
-// newCounterVec makes a counter with one label, and creates each of its
-// values at zero, so that dashboards and alerts see every series from the
-// start rather than after its first event.
-func newCounterVec(name, help, label string, values ...string) *prometheus.CounterVec {
-	c := prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: name, Help: help}, []string{label})
-	for _, v := range values {
-		c.WithLabelValues(v)
+// newCounterVec makes a counter with labels, and creates every
+// combination of their values (values[i] for labels[i]) at zero, so that
+// dashboards and alerts see every series from the start rather than after
+// its first event.
+func newCounterVec(name, help string, labels []string, values ...[]string) *prometheus.CounterVec {
+	c := prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: name, Help: help}, labels)
+	for _, combo := range combinations(values) {
+		c.WithLabelValues(combo...)
 	}
 	return c
+}
+
+// newGaugeVec makes a gauge with one label, each of its values at zero.
+func newGaugeVec(name, help, label string, values ...string) *prometheus.GaugeVec {
+	g := prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: name, Help: help}, []string{label})
+	for _, v := range values {
+		g.WithLabelValues(v)
+	}
+	return g
+}
+
+// combinations returns every choice of one value from each list.
+func combinations(lists [][]string) [][]string {
+	out := [][]string{nil}
+	for _, list := range lists {
+		var next [][]string
+		for _, prefix := range out {
+			for _, v := range list {
+				next = append(next, append(slices.Clone(prefix), v))
+			}
+		}
+		out = next
+	}
+	return out
 }
 
 // registerMetrics adds the collectors to a config's registry; the same
@@ -84,7 +115,7 @@ func registerMetrics(reg *prometheus.Registry) error {
 	}
 	for _, c := range []prometheus.Collector{
 		metrics.streams, metrics.clients, metrics.directClients, metrics.upstreamConns, metrics.attempts, metrics.events,
-		metrics.eventsSkipped, metrics.directStalls, metrics.clientsDropped, metrics.refused, metrics.resumes,
+		metrics.eventsSkipped, metrics.directStalls, metrics.clientsDropped, metrics.refused, metrics.resumes, metrics.resumeGaps,
 	} {
 		if err := reg.Register(c); err != nil {
 			var are prometheus.AlreadyRegisteredError

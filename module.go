@@ -47,6 +47,9 @@ const (
 	defaultMaxEventSize   = 1 << 20
 	defaultMaxStreams     = 1000
 	defaultDrain          = 5 * time.Second
+	defaultMaxCatchUps    = 4
+	defaultCatchUpTimeout = 10 * time.Second
+	defaultCatchUpEvents  = 10000
 	defaultHeaderTimeout  = 10 * time.Second
 	defaultSendBuffer     = 256 << 10
 	maxLastEventIDLen     = 1024
@@ -164,6 +167,42 @@ type Handler struct {
 	// exit they end at once. Default: 5s.
 	Drain caddy.Duration `json:"drain,omitempty"`
 
+	// How many catch-up requests one stream may have open at once. A
+	// client of a live stream whose Last-Event-ID the history lacks gets a
+	// dedicated upstream request with that id, whose events it receives
+	// until they meet the shared stream's (see the README's resume table);
+	// clients with the same id share one. Beyond these, at most 32 run per
+	// handler and one new one starts per stream per second; a client that
+	// finds no slot within 2s starts live, counted as a gap. Default: 4.
+	// A negative value (`catch_up off` in the Caddyfile) turns catch-ups
+	// off: such a client starts live.
+	MaxCatchUps int `json:"max_catch_ups,omitempty"`
+
+	// How long a catch-up's ids may take to meet the shared stream's
+	// before its clients continue live, with a gap counted. Default: 10s.
+	CatchUpTimeout caddy.Duration `json:"catch_up_timeout,omitempty"`
+
+	// How many events a catch-up may deliver before its ids meet the
+	// shared stream's; past them its clients continue live, with a gap
+	// counted. Default: 10000.
+	CatchUpEvents int `json:"catch_up_events,omitempty"`
+
+	// Give every event the proxy's own id, `<epoch>-<sequence>`, for
+	// origins that send none, so that clients can resume from the history.
+	// The epoch is new whenever a stream's history starts afresh, so an id
+	// from an earlier life is unknown (the client starts live, counted as
+	// a gap), never wrong. Proxy ids never go to the origin; ids the origin
+	// sends are replaced (a warning is logged once per stream). Part of
+	// the handler's identity: changing it starts new streams. Default: off.
+	AssignIDs bool `json:"assign_ids,omitempty"`
+
+	// Besides replay, the events of this last stretch of time that a new
+	// client without Last-Event-ID gets before the live ones, so that a
+	// dashboard opens with recent context whatever the event rate; the
+	// client gets whichever of the two reaches further back. Default: 0
+	// (off).
+	ReplaySince caddy.Duration `json:"replay_since,omitempty"`
+
 	transport *reverseproxy.HTTPTransport
 	// transportJSON is the transport's config, part of the hub identity.
 	transportJSON json.RawMessage
@@ -237,7 +276,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return err
 	}
 	val, _, err := hubs.LoadOrNew(h.hubKey, func() (caddy.Destructor, error) {
-		return newHub(tmpl, h.Vary, h.HeaderUp, h.hubCfg), nil
+		hb := newHub(tmpl, h.Vary, h.HeaderUp, h.hubCfg)
+		hb.assignIDs = h.AssignIDs
+		return hb, nil
 	})
 	if err != nil {
 		return fmt.Errorf("loading shared state: %v", err)
@@ -277,6 +318,9 @@ func (h *Handler) setDefaults() {
 	setDefault(&h.MaxStreams, defaultMaxStreams)
 	setDefault(&h.Drain, caddy.Duration(defaultDrain))
 	setDefault(&h.ClientSendBuffer, defaultSendBuffer)
+	setDefault(&h.MaxCatchUps, defaultMaxCatchUps)
+	setDefault(&h.CatchUpTimeout, caddy.Duration(defaultCatchUpTimeout))
+	setDefault(&h.CatchUpEvents, defaultCatchUpEvents)
 }
 
 // setDefault sets *v to def when it is zero, which means "not set".
@@ -296,8 +340,8 @@ func (h *Handler) Validate() error {
 		return badOption(fmt.Sprintf("history: must be at least 1, got %d", h.History), "history")
 	case h.MaxEventSize < 1:
 		return badOption(fmt.Sprintf("max_event_size: must be positive, got %d", h.MaxEventSize), "max_event_size")
-	case h.HistoryBytes < h.MaxEventSize:
-		return badOption(fmt.Sprintf("history_bytes (%d) must be at least max_event_size (%d): raise history_bytes or lower max_event_size", h.HistoryBytes, h.MaxEventSize), "history_bytes", "max_event_size")
+	case h.HistoryBytes < maxEncodedEvent(h.MaxEventSize):
+		return badOption(fmt.Sprintf("history_bytes (%d) must hold one largest event: %d bytes for max_event_size %d, as an event of that many line ends is encoded as one `data:` line each, with an id, a type and its framing; raise history_bytes or lower max_event_size", h.HistoryBytes, maxEncodedEvent(h.MaxEventSize), h.MaxEventSize), "history_bytes", "max_event_size")
 	case h.Replay < 0 || h.Replay > h.History:
 		return badOption(fmt.Sprintf("replay: must be between 0 and history (%d), got %d", h.History, h.Replay), "replay", "history")
 	case h.MaxClients < 0:
@@ -312,6 +356,12 @@ func (h *Handler) Validate() error {
 		return badOption("upstream_idle_timeout: must not be negative", "upstream_idle_timeout")
 	case h.Drain < 0:
 		return badOption("drain: must not be negative", "drain")
+	case h.CatchUpTimeout < 0:
+		return badOption("catch_up_timeout: must not be negative", "catch_up_timeout")
+	case h.CatchUpEvents < 0:
+		return badOption("catch_up_events: must not be negative", "catch_up_events")
+	case h.ReplaySince < 0:
+		return badOption("replay_since: must not be negative", "replay_since")
 	}
 	for _, name := range h.Vary {
 		if err := checkVaryName(name); err != nil {
@@ -474,7 +524,8 @@ func (h *Handler) identity() (string, error) {
 		Vary      []string           `json:"v"`
 		HeaderUp  *headers.HeaderOps `json:"h"`
 		Transport json.RawMessage    `json:"t"`
-	}{h.Upstream, h.Vary, h.HeaderUp, h.transportJSON})
+		AssignIDs bool               `json:"a"`
+	}{h.Upstream, h.Vary, h.HeaderUp, h.transportJSON, h.AssignIDs})
 	if err != nil {
 		return "", fmt.Errorf("computing handler identity: %v", err)
 	}

@@ -41,7 +41,18 @@ const (
 
 	// minParserBufCap keeps small buffers from growing a few bytes at a time.
 	minParserBufCap = 64
+
+	// maxFieldLen bounds an event type and an id value, in bytes: a
+	// block with a longer one is skipped, like an event over
+	// max_event_size, so that no client is left holding an id the proxy
+	// did not relay.
+	maxFieldLen = 4 << 10
 )
+
+// maxRetained is the most capacity the parser's buffers hold with bound
+// maxEventSize: the data with its trailing LF, a type, and the block's
+// pending id with the id value being read.
+func maxRetained(maxEventSize int) int { return maxEventSize + 1 + maxFieldLen + 2*maxFieldLen }
 
 // utf8BOM is the byte order mark a response may start with.
 var utf8BOM = [3]byte{0xEF, 0xBB, 0xBF}
@@ -85,14 +96,18 @@ type utf8Tail struct {
 }
 
 // parser is a streaming text/event-stream parser following WHATWG HTML
-// §9.2.5–9.2.6. It buffers at most one block, bounded by maxEventSize, and
-// reports what it finds through the emit callback given to feed.
+// §9.2.5–9.2.6. It buffers at most one block and reports what it finds
+// through the emit callback given to feed.
 //
-// Its buffers (data, type and pending id) together never hold more than
-// maxEventSize bytes of capacity; besides them it keeps the committed
-// last-event ID and a few bytes of line state.
+// Its bound is on the event's data as dispatched (MessageEvent.data, in
+// UTF-8 bytes): an event with exactly maxEventSize bytes of data passes,
+// one with more is skipped without being buffered. The type and the id
+// have a small bound of their own (maxFieldLen): a block with a longer one
+// is skipped too, and such an id is not committed. Its buffers never
+// hold more than maxRetained(maxEventSize) bytes of capacity; besides them
+// it keeps the committed last-event ID and a few bytes of line state.
 type parser struct {
-	max int // bound on a block's buffered bytes
+	max int // bound on an event's data as dispatched
 
 	// Response state: restarts with each upstream response.
 	bomSeen int8 // bytes of a leading BOM matched so far; -1 once the check is over
@@ -115,6 +130,9 @@ type parser struct {
 	typ      []byte // event type buffer
 	idBuf    []byte // this block's pending id, then the id value being read
 	setsID   bool   // idBuf[:idStart] holds a valid id field of this block
+	// idTooLong says the block had an id over maxFieldLen: it is skipped,
+	// even without data, and commits none of its ids
+	idTooLong bool
 	hasData  bool   // the block had a data field, even if skipped
 	skipping bool   // the block outgrew the bound; its data and type are dropped
 	skipped  int64  // raw bytes of data and event values in the block
@@ -126,8 +144,8 @@ type parser struct {
 	rec record // reused for every emit so that reporting does not allocate
 }
 
-// newParser returns a parser that skips any block whose buffered data, type
-// and id exceed maxEventSize bytes. A bound of zero or less means
+// newParser returns a parser that skips any event whose data is longer
+// than maxEventSize bytes. A bound of zero or less means
 // parserDefaultMaxEventSize.
 func newParser(maxEventSize int) *parser {
 	if maxEventSize <= 0 {
@@ -156,7 +174,7 @@ func (p *parser) setMaxEventSize(n int) {
 		n = parserDefaultMaxEventSize
 	}
 	p.max = n
-	if p.retained() > n {
+	if p.retained() > maxRetained(n) || cap(p.data) > n+1 {
 		p.data, p.typ, p.idBuf = nil, nil, nil
 	}
 }
@@ -180,8 +198,8 @@ func (p *parser) setLastEventID(id string) {
 // lastEventID returns the committed last-event ID.
 func (p *parser) lastEventID() string { return p.committed }
 
-// retained returns the capacity of the parser's growable buffers, which the
-// bound caps.
+// retained returns the capacity of the parser's growable buffers, which
+// maxRetained caps.
 func (p *parser) retained() int { return cap(p.data) + cap(p.typ) + cap(p.idBuf) }
 
 // feed parses the next chunk of a response. Chunks may be cut anywhere. emit
@@ -397,15 +415,14 @@ func (p *parser) readID(seg []byte, eol bool) {
 			// chunks are cut cannot change whether the block overflows.
 			text, final, nul = seg[:i], false, true
 		}
-		rest, ok := p.appendText(&p.idBuf, text, final)
-		if !ok && !p.skipping {
-			// The block outgrew the bound: drop its data and type, and
-			// keep the id if it fits on its own.
+		_, ok := p.appendText(&p.idBuf, text, final)
+		if !ok {
+			// An id longer than its bound cannot be kept, nor can its
+			// block be relayed as the origin meant it: the block is
+			// skipped, and its id not committed.
 			p.skip()
-			_, ok = p.appendText(&p.idBuf, rest, final)
+			p.idTooLong = true
 		}
-		// An id longer than the bound cannot be kept; it is ignored like
-		// one with NUL rather than truncated.
 		p.idBad = nul || !ok
 	}
 	if p.idBad {
@@ -448,6 +465,9 @@ func (p *parser) readRetry(seg []byte, eol bool, emit func(*record)) {
 
 // dispatch handles a blank line: commit the id buffer, then report the block.
 func (p *parser) dispatch(emit func(*record)) {
+	if p.idTooLong {
+		p.hasData, p.setsID = true, false // reported as skipped
+	}
 	if p.setsID {
 		if string(p.idBuf) != p.committed {
 			p.committed = string(p.idBuf)
@@ -472,6 +492,7 @@ func (p *parser) resetBlock() {
 	p.idBuf = p.idBuf[:0]
 	p.idStart = 0
 	p.setsID = false
+	p.idTooLong = false
 	p.hasData = false
 	p.skipping = false
 	p.skipped = 0
@@ -504,10 +525,22 @@ func (p *parser) emit(emit func(*record), kind recordKind) {
 	emit(r)
 }
 
-// put appends b to one of the block buffers, or reports false if the block
-// would outgrow the bound.
+// limit is how many bytes a block buffer may hold: the data with its
+// trailing LF, a type, or the pending id with the id value being read.
+func (p *parser) limit(buf *[]byte) int {
+	switch buf {
+	case &p.data:
+		return p.max + 1
+	case &p.typ:
+		return maxFieldLen
+	}
+	return p.idStart + maxFieldLen // the id value after the block's pending id
+}
+
+// put appends b to one of the block buffers, or reports false if it would
+// outgrow its bound.
 func (p *parser) put(buf *[]byte, b []byte) bool {
-	if len(p.data)+len(p.typ)+len(p.idBuf)+len(b) > p.max {
+	if len(*buf)+len(b) > p.limit(buf) {
 		return false
 	}
 	if cap(*buf)-len(*buf) < len(b) {
@@ -517,25 +550,12 @@ func (p *parser) put(buf *[]byte, b []byte) bool {
 	return true
 }
 
-// grow makes room for n more bytes in buf while keeping the three block
-// buffers' total capacity within the bound. put has checked that their
-// lengths fit, so trimming spare capacity from the other two always makes
-// enough room.
+// grow makes room for n more bytes in buf within its bound, which put has
+// checked.
 func (p *parser) grow(buf *[]byte, n int) {
 	b := *buf
 	need := len(b) + n
-	limit := p.max - (p.retained() - cap(b))
-	if need > limit {
-		for _, o := range [...]*[]byte{&p.data, &p.typ, &p.idBuf} {
-			if o != buf && cap(*o) > len(*o) {
-				exact := make([]byte, len(*o))
-				copy(exact, *o)
-				*o = exact
-			}
-		}
-		limit = p.max - (p.retained() - cap(b))
-	}
-	c := min(max(2*cap(b), need, minParserBufCap), limit)
+	c := min(max(2*cap(b), need, minParserBufCap), p.limit(buf))
 	nb := make([]byte, len(b), c)
 	copy(nb, b)
 	*buf = nb

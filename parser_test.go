@@ -117,8 +117,8 @@ func (c *codecCase) run(t *testing.T, cut func(string) [][]byte) ([]parsedRecord
 	for _, resp := range c.resp {
 		for _, chunk := range cut(resp) {
 			p.feed(chunk, emit)
-			if c.max > 0 && p.retained() > c.max {
-				t.Fatalf("retained %d bytes, bound %d", p.retained(), c.max)
+			if c.max > 0 && p.retained() > maxRetained(c.max) {
+				t.Fatalf("retained %d bytes, bound %d", p.retained(), maxRetained(c.max))
 			}
 		}
 		p.reset()
@@ -396,8 +396,8 @@ var codecRuleCases = []codecCase{
 	{
 		name:   "oversized block skipped, id kept",
 		max:    16,
-		resp:   []string{"data: 0123456789abcdef\nid: 9\n\ndata: ok\n\n"},
-		want:   []parsedRecord{wantSkip(17).i("9", true), wantEv("ok").i("9", false)},
+		resp:   []string{"data: 0123456789abcdefg\nid: 9\n\ndata: ok\n\n"},
+		want:   []parsedRecord{wantSkip(18).i("9", true), wantEv("ok").i("9", false)},
 		lastID: "9",
 	},
 	{
@@ -407,14 +407,18 @@ var codecRuleCases = []codecCase{
 		want:   []parsedRecord{wantSkip(22).i("9", true), wantEv("ok").i("9", false)},
 		lastID: "9",
 	},
-	{name: "exact fit", max: 6, resp: []string{"data:abcde\n\n"}, want: []parsedRecord{wantEv("abcde")}},
-	{name: "one byte over", max: 6, resp: []string{"data:abcdef\n\ndata:ok\n\n"}, want: []parsedRecord{wantSkip(7), wantEv("ok")}},
-	{name: "type counts", max: 6, resp: []string{"event:ab\ndata:abc\n\nevent:abc\ndata:abc\n\n"}, want: []parsedRecord{wantEv("abc").t("ab"), wantSkip(7)}},
-	{name: "id counts", max: 6, resp: []string{"id:12\ndata:abc\n\nid:123\ndata:abc\n\n"}, want: []parsedRecord{wantEv("abc").i("12", true), wantSkip(4).i("123", true)}, lastID: "123"},
-	{name: "id longer than the bound is ignored", max: 4, resp: []string{"id:12345\ndata:x\n\nid:1234\n\n"}, want: []parsedRecord{wantSkip(2), wantIDBlock("1234")}, lastID: "1234"},
-	{name: "id bytes before a NUL count", max: 4, resp: []string{"id:000000\x00\ndata:\n\nid:00\x00000000\ndata:x\n\n"}, want: []parsedRecord{wantSkip(1), wantEv("x")}},
-	{name: "oversized type without data", max: 4, resp: []string{"event: 12345\n\nevent: 12345\nid: 1\n\n"}, want: []parsedRecord{wantIDBlock("1")}, lastID: "1"},
-	{name: "replacement characters count", max: 6, resp: []string{"data:\xFF\n\ndata:\xFF\xFF\n\n"}, want: []parsedRecord{wantEv("\uFFFD"), wantSkip(3)}},
+	// max_event_size bounds the data as dispatched: exactly max passes
+	{name: "exact fit", max: 6, resp: []string{"data:abcdef\n\n"}, want: []parsedRecord{wantEv("abcdef")}},
+	{name: "exact fit over lines", max: 6, resp: []string{"data:ab\ndata:cde\n\n"}, want: []parsedRecord{wantEv("ab\ncde")}},
+	{name: "one byte over", max: 6, resp: []string{"data:abcdefg\n\ndata:ok\n\n"}, want: []parsedRecord{wantSkip(8), wantEv("ok")}},
+	{name: "one line end over", max: 6, resp: []string{"data:abc\ndata:def\n\ndata:ok\n\n"}, want: []parsedRecord{wantSkip(8), wantEv("ok")}},
+	{name: "type has its own bound", max: 6, resp: []string{"event:abcdefgh\ndata:abcdef\n\n"}, want: []parsedRecord{wantEv("abcdef").t("abcdefgh")}},
+	{name: "id has its own bound", max: 6, resp: []string{"id:12345678\ndata:abcdef\n\n"}, want: []parsedRecord{wantEv("abcdef").i("12345678", true)}, lastID: "12345678"},
+	{name: "id longer than its bound skips its block", max: 4, resp: []string{"id:1\n\nid:" + strings.Repeat("9", maxFieldLen+1) + "\ndata:x\n\nid:2\nid:" + strings.Repeat("9", maxFieldLen+1) + "\n\n"}, want: []parsedRecord{wantIDBlock("1"), wantSkip(2).i("1", false), wantSkip(0).i("1", false)}, lastID: "1"},
+	{name: "id of exactly its bound is kept", max: 4, resp: []string{"id:" + strings.Repeat("9", maxFieldLen) + "\n\n"}, want: []parsedRecord{wantIDBlock(strings.Repeat("9", maxFieldLen))}, lastID: strings.Repeat("9", maxFieldLen)},
+	{name: "id with NUL is ignored whatever its length", max: 4, resp: []string{"id:000000\x00\ndata:\n\nid:00\x00000000\ndata:x\n\n"}, want: []parsedRecord{wantEv(""), wantEv("x")}},
+	{name: "type longer than its bound skips its event", max: 4, resp: []string{"event: " + strings.Repeat("t", maxFieldLen+1) + "\ndata:x\n\nevent: " + strings.Repeat("t", maxFieldLen+1) + "\nid: 1\n\n"}, want: []parsedRecord{wantSkip(maxFieldLen + 3), wantIDBlock("1")}, lastID: "1"},
+	{name: "replacement characters count", max: 6, resp: []string{"data:\xFF\xFF\n\ndata:\xFF\xFF\xFF\n\n"}, want: []parsedRecord{wantEv("\uFFFD\uFFFD"), wantSkip(4)}},
 	{
 		name: "comments and unknown fields are not buffered",
 		max:  8,
@@ -515,7 +519,7 @@ func TestParserHugeLine(t *testing.T) {
 			p.feed([]byte("id: 1\n"+prefix), emit)
 			for n := int64(0); n < size; n += chunk {
 				p.feed(buf, emit)
-				if p.retained() > bound {
+				if p.retained() > maxRetained(bound) {
 					t.Fatalf("retained %d bytes after %d", p.retained(), n)
 				}
 			}
@@ -539,8 +543,9 @@ func TestParserHugeLine(t *testing.T) {
 			case "event: ":
 				want = []parsedRecord{wantSkip(size+2).i("1", true), wantEv("after").i("1", false)}
 			case "id: ":
-				// The id is too long to keep, which overflows the block.
-				want = []parsedRecord{wantSkip(2).i("1", true), wantEv("after").i("1", false)}
+				// The id is too long to keep: its block is skipped and
+				// commits none of its ids
+				want = []parsedRecord{wantSkip(2), wantEv("after")}
 			case ":":
 				want = []parsedRecord{wantComment(), wantEv("y").i("1", true), wantEv("after").i("1", false)}
 			default:
@@ -570,7 +575,7 @@ func TestParserRetainedAfterBigEvents(t *testing.T) {
 		"event: a\nevent: " + big + "\nevent: b\nid: c\ndata:" + big[:100] + "\n\n",
 	} {
 		p.feed([]byte(s), emit)
-		if p.retained() > bound {
+		if p.retained() > maxRetained(bound) {
 			t.Fatalf("retained %d bytes after %.20q", p.retained(), s)
 		}
 	}

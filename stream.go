@@ -83,6 +83,12 @@ type stream struct {
 	// fan writes to the stream's fast clients.
 	fan *fanout
 
+	// cuMu guards the stream's catch-ups (taken before a catch-up's own
+	// lock, never while holding mu).
+	cuMu        sync.Mutex
+	catchUps    map[string]*catchUp // by the Last-Event-ID they ask for
+	lastCatchUp time.Time
+
 	// mu guards what follows. Lock order: hub.mu before mu; a stream
 	// never takes its hub's lock while holding its own.
 	mu   sync.RWMutex
@@ -118,6 +124,7 @@ func newStream(h *hub, key string, target *url.URL, header http.Header, initialI
 		ready:     make(chan struct{}),
 		hist:      newHistory(set.history, set.historyBytes),
 		wake:      make(chan struct{}),
+		catchUps:  map[string]*catchUp{},
 	}
 	s.fan = newFanout(s)
 	return s
@@ -137,6 +144,10 @@ func (s *stream) resize(set hubSettings) {
 	defer s.mu.Unlock()
 	s.hist.resize(set.history, set.historyBytes)
 }
+
+// maxPublishWait bounds how long a publish waits for the fast clients'
+// writer to make room in the history.
+const maxPublishWait = time.Second
 
 // run feeds the stream from src until the stream is closed or the origin
 // gives its final answer, then takes the stream out of its hub.
@@ -158,8 +169,25 @@ func (s *stream) run(src source) {
 
 // append adds an entry to the history and wakes every client. It never
 // writes to a client.
+//
+// When the history is full and the fast clients' writer has not yet sent
+// its oldest entry (a burst larger than the history, read in one go), it
+// waits for the writer, at most maxPublishWait: the origin is then read as
+// fast as the fast clients are written, instead of all of them dropped.
 func (s *stream) append(e entry) {
+	e.at = time.Now().UnixNano()
 	s.mu.Lock()
+	if s.fan.blocks(len(e.frame)) {
+		deadline := time.Now().Add(maxPublishWait)
+		for s.fan.blocks(len(e.frame)) {
+			s.mu.Unlock()
+			ok := s.fan.waitProgress(deadline)
+			s.mu.Lock()
+			if !ok {
+				break // the writer's clients will be dropped as lagging
+			}
+		}
+	}
 	s.hist.append(e)
 	if e.kind == entryRetry { // a retry line carries no id of its own
 		s.retry, s.hasRetry = e.retry, true

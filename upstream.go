@@ -64,14 +64,32 @@ type upstream struct {
 	// of its own (the id of the client that created the stream).
 	resume string
 
+	// once makes a single attempt, with no reconnect (a catch-up).
+	once bool
+	// label is the source label of the upstream metrics.
+	label string
+
 	// retry is the origin's latest retry; the reconnect delay follows it.
 	retry    int64
 	hasRetry bool
+
+	// ids assigns the proxy's own ids (assign_ids); nil keeps the origin's.
+	ids *idAssigner
 }
+
+// The sources of upstream requests, as the metrics label them.
+const (
+	sourceStream  = "stream"
+	sourceCatchUp = "catch_up"
+)
 
 // newUpstream returns the upstream source of stream s.
 func newUpstream(s *stream) *upstream {
-	return &upstream{hub: s.hub, target: s.target, header: s.header, name: s.name, resume: s.initialID}
+	u := &upstream{hub: s.hub, target: s.target, header: s.header, name: s.name, resume: s.initialID, label: sourceStream}
+	if s.hub.assignIDs {
+		u.ids = newIDAssigner()
+	}
+	return u
 }
 
 // run connects, reads, and reconnects with Last-Event-ID after any end
@@ -82,6 +100,14 @@ func (u *upstream) run(ctx context.Context, sink sink) {
 	for {
 		o := u.attempt(ctx, p, sink)
 		if ctx.Err() != nil {
+			return
+		}
+		if u.once {
+			if o.final != nil {
+				sink.answer(answer{state: stateFinal, final: o.final})
+			} else {
+				sink.answer(answer{state: stateRetrying})
+			}
 			return
 		}
 		logger := u.hub.current().logger
@@ -130,7 +156,8 @@ func jitter(d time.Duration) time.Duration {
 // resumeID is the Last-Event-ID to send upstream: the origin's committed
 // id once it has sent one, else the id the stream started from, so that
 // the origin can fill the creating client's gap. That client's id only
-// ever goes upstream: it is never an id that clients receive.
+// ever goes upstream: it is never an id that clients receive. Ids the
+// proxy assigned never go upstream.
 func (u *upstream) resumeID(p *parser) string {
 	if p.hasID {
 		return p.lastEventID()
@@ -181,17 +208,18 @@ func (u *upstream) attempt(ctx context.Context, p *parser, sink sink) outcome {
 		if errors.Is(err, errOtherHost) {
 			o = outcome{final: badGateway("upstream redirected to another host\n")}
 		}
-		countAttempt(o)
+		countAttempt(u.label, o)
 		return o
 	}
 	defer resp.Body.Close()
 	o := classify(resp)
-	countAttempt(o)
+	countAttempt(u.label, o)
 	if o.err != nil || o.final != nil {
 		return o
 	}
-	metrics.upstreamConns.Inc()
-	defer metrics.upstreamConns.Dec()
+	conns := metrics.upstreamConns.WithLabelValues(u.label)
+	conns.Inc()
+	defer conns.Dec()
 	sink.answer(answer{state: stateLive, header: streamHeaders(resp.Header)})
 	if ce := cfg.logger.Check(zapcore.DebugLevel, "upstream connected"); ce != nil {
 		ce.Write(zap.String("stream", u.name))
@@ -245,15 +273,15 @@ func badGateway(reason string) *finalAnswer {
 	return &finalAnswer{status: http.StatusBadGateway, header: http.Header{"Content-Type": {"text/plain; charset=utf-8"}}, body: []byte(reason), reason: strings.TrimSpace(reason)}
 }
 
-// countAttempt counts an upstream request by its outcome.
-func countAttempt(o outcome) {
+// countAttempt counts an upstream request by its source and outcome.
+func countAttempt(source string, o outcome) {
 	switch {
 	case o.final != nil:
-		metrics.attempts.WithLabelValues("permanent").Inc()
+		metrics.attempts.WithLabelValues(source, "permanent").Inc()
 	case o.err != nil:
-		metrics.attempts.WithLabelValues("transient").Inc()
+		metrics.attempts.WithLabelValues(source, "transient").Inc()
 	default:
-		metrics.attempts.WithLabelValues("stream").Inc()
+		metrics.attempts.WithLabelValues(source, "stream").Inc()
 	}
 }
 
@@ -269,6 +297,9 @@ func (u *upstream) read(ctx context.Context, cancel context.CancelFunc, body io.
 		switch r.kind {
 		case recEvent:
 			metrics.events.Inc()
+			if u.ids != nil {
+				u.ids.assign(r, u, cfg)
+			}
 			// encoded once, straight into its chunk frame
 			n := encodedLen(r)
 			frame := newFrame(n)
@@ -277,8 +308,12 @@ func (u *upstream) read(ctx context.Context, cancel context.CancelFunc, body io.
 			sink.append(entry{kind: entryEvent, frame: frame, hdr: hdr, id: r.id, setsID: r.setsID, hasID: r.hasID})
 			o.delivered = true
 		case recID:
-			sink.append(idEntry(r))
 			o.delivered = true
+			if u.ids != nil {
+				u.ids.originID(u, cfg) // the origin's ids are not the stream's
+				return
+			}
+			sink.append(idEntry(r))
 		case recRetry:
 			u.retry, u.hasRetry = r.retry, true
 			frame, hdr := frameOf(appendRetry(nil, r.retry))
@@ -286,7 +321,7 @@ func (u *upstream) read(ctx context.Context, cancel context.CancelFunc, body io.
 		case recSkipped:
 			metrics.eventsSkipped.Inc()
 			cfg.logger.Warn("skipped an upstream event larger than max_event_size", zap.String("stream", u.name), zap.Int64("size", r.size), zap.Int64("max_event_size", set.maxEventSize))
-			if r.setsID {
+			if r.setsID && u.ids == nil {
 				sink.append(idEntry(r))
 			}
 		}
@@ -378,4 +413,37 @@ func streamHeaders(in http.Header) http.Header {
 		out.Del(name)
 	}
 	return out
+}
+
+// idAssigner gives each event of a stream the proxy's own id,
+// `<epoch>-<sequence>` (assign_ids), for origins that send none. The epoch
+// is random and new with every life of the stream's history, so that an id
+// from another life is unknown, never wrong.
+type idAssigner struct {
+	epoch  string
+	seq    uint64
+	warned bool // the origin sent ids of its own; said once per stream
+}
+
+func newIDAssigner() *idAssigner {
+	return &idAssigner{epoch: fmt.Sprintf("%016x", rand.Uint64())}
+}
+
+// assign sets r's id to the next proxy id, replacing any the origin sent.
+func (a *idAssigner) assign(r *record, u *upstream, cfg hubConfig) {
+	if r.setsID {
+		a.originID(u, cfg)
+	}
+	a.seq++
+	r.id = a.epoch + "-" + strconv.FormatUint(a.seq, 10)
+	r.hasID, r.setsID = true, true
+}
+
+// originID notes that the origin sends ids of its own, which the proxy's
+// replace: logged once per stream, as the two are never mixed.
+func (a *idAssigner) originID(u *upstream, cfg hubConfig) {
+	if !a.warned {
+		a.warned = true
+		cfg.logger.Warn("the origin sends ids of its own; with assign_ids the proxy's replace them", zap.String("stream", u.name))
+	}
 }

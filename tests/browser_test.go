@@ -5,7 +5,9 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
+	"strconv"
 	"sync"
 	"testing"
 	"time"
@@ -334,5 +336,60 @@ func TestBrowserEventSource(t *testing.T) {
 	}
 	if perPath[proxied] != 1 || perPath[direct] != 1 || o.total.Load() != 2 {
 		t.Fatalf("origin connections by path %v (total %d), want one for %s and one for %s", perPath, o.total.Load(), proxied, direct)
+	}
+}
+
+// With assign_ids, a browser's EventSource sees the proxy's ids, of the
+// form <epoch>-<sequence>, on an origin that sends none.
+func TestBrowserAssignedIDs(t *testing.T) {
+	leakCheck(t)
+	requireChromium(t)
+	o := newOrigin(t)
+	root := t.TempDir()
+	page := `<!doctype html><meta charset="utf-8"><script>
+window.ids = [];
+const es = new EventSource("/ids/s");
+es.onmessage = (e) => window.ids.push(e.lastEventId + "|" + e.data);
+</script>`
+	if err := os.WriteFile(filepath.Join(root, "index.html"), []byte(page), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cs := startCaddy(t, fmt.Sprintf(`
+	handle_path /ids/* {
+		sse_fanout %s {
+			assign_ids
+		}
+	}
+	handle {
+		root * %s
+		file_server
+	}`, o.URL, root))
+	ctx := startBrowser(t)
+	nctx, ncancel := context.WithTimeout(ctx, 20*time.Second)
+	if _, err := chromedp.Run(nctx, chromedp.Navigate(cs.Base+"/")); err != nil {
+		ncancel()
+		t.Fatalf("loading the page: %v", err)
+	}
+	ncancel()
+	o.waitOpen(t, "/s", 1, 20*time.Second)
+	for i := 1; i <= 3; i++ {
+		o.send("/s", fmt.Sprintf("data: e%d\n\n", i))
+	}
+	var ids []string
+	eventually(t, 20*time.Second, func() bool {
+		tctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		defer cancel()
+		got, err := chromedp.Run(tctx, chromedp.Evaluate[[]string](`window.ids`))
+		ids = got
+		return err == nil && len(got) == 3
+	}, func() string { return fmt.Sprintf("the page got %q", ids) })
+	form := regexp.MustCompile(`^([0-9a-f]{16})-([0-9]+)\|e([0-9])$`)
+	var epoch string
+	for i, got := range ids {
+		m := form.FindStringSubmatch(got)
+		if m == nil || m[2] != strconv.Itoa(i+1) || m[3] != strconv.Itoa(i+1) || (epoch != "" && m[1] != epoch) {
+			t.Fatalf("event %d: lastEventId|data %q, want <epoch>-%d|e%d of one epoch (all: %q)", i+1, got, i+1, i+1, ids)
+		}
+		epoch = m[1]
 	}
 }

@@ -124,7 +124,8 @@ func (c *caddyServer) checkGauges(t testing.TB) {
 	}
 }
 
-// metrics reads unlabelled metrics from the admin API's /metrics.
+// metrics reads metrics from the admin API's /metrics, each summed over
+// its labels.
 func (c *caddyServer) metrics(names ...string) (map[string]float64, error) {
 	resp, err := http.Get(c.Admin + "/metrics")
 	if err != nil {
@@ -138,13 +139,17 @@ func (c *caddyServer) metrics(names ...string) (map[string]float64, error) {
 	out := map[string]float64{}
 	for line := range strings.SplitSeq(string(body), "\n") {
 		for _, name := range names {
-			if v, ok := strings.CutPrefix(line, name+" "); ok {
-				f, err := strconv.ParseFloat(v, 64)
-				if err != nil {
-					return nil, fmt.Errorf("metric %s: %v", name, err)
-				}
-				out[name] = f
+			rest, ok := strings.CutPrefix(line, name)
+			if !ok || (rest[0] != ' ' && rest[0] != '{') {
+				continue
 			}
+			// a labelled series: summed over its labels
+			v := rest[strings.LastIndexByte(rest, ' ')+1:]
+			f, err := strconv.ParseFloat(v, 64)
+			if err != nil {
+				return nil, fmt.Errorf("metric %s: %v", name, err)
+			}
+			out[name] += f
 		}
 	}
 	for _, name := range names {
