@@ -45,11 +45,11 @@ const (
 
 // Why a resume left a gap, as the resume_gaps_total metric counts it.
 const (
-	gapNotFound     = "not_found"      // unknown id and no catch-up to ask (off, assign_ids, stream not live)
-	gapNoSlot       = "no_slot"        // the catch-up bounds kept it out for 2 s
+	gapNotFound     = "not_found"       // unknown id and no catch-up to ask (off, assign_ids, stream not live)
+	gapNoSlot       = "no_slot"         // the catch-up bounds kept it out for 2 s
 	gapFailed       = "catch_up_failed" // the catch-up answered no event stream
-	gapUnmet        = "unmet"          // the ids did not meet in time
-	gapOriginIgnore = "origin_ignored" // the catch-up started at the live head
+	gapUnmet        = "unmet"           // the ids did not meet in time
+	gapOriginIgnore = "origin_ignored"  // the catch-up started at the live head
 )
 
 // catchUp is one dedicated upstream request and the clients that follow it.

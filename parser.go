@@ -126,16 +126,16 @@ type parser struct {
 	idBad   bool  // the id value being read contains NUL or does not fit: ignore it
 
 	// Block state: restarts after each blank line.
-	data     []byte // data buffer, each value followed by LF
-	typ      []byte // event type buffer
-	idBuf    []byte // this block's pending id, then the id value being read
-	setsID   bool   // idBuf[:idStart] holds a valid id field of this block
+	data   []byte // data buffer, each value followed by LF
+	typ    []byte // event type buffer
+	idBuf  []byte // this block's pending id, then the id value being read
+	setsID bool   // idBuf[:idStart] holds a valid id field of this block
 	// idTooLong says the block had an id over maxFieldLen: it is skipped,
 	// even without data, and commits none of its ids
 	idTooLong bool
-	hasData  bool   // the block had a data field, even if skipped
-	skipping bool   // the block outgrew the bound; its data and type are dropped
-	skipped  int64  // raw bytes of data and event values in the block
+	hasData   bool  // the block had a data field, even if skipped
+	skipping  bool  // the block outgrew the bound; its data and type are dropped
+	skipped   int64 // raw bytes of data and event values in the block
 
 	// Stream state: survives reset.
 	committed string // last event ID string
