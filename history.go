@@ -15,15 +15,8 @@ const (
 type entry struct {
 	// frame is the whole chunk: hex size, CRLF, payload, CRLF.
 	frame []byte
-	// hdr is where the payload starts in frame.
-	hdr uint8
-	// id is the committed last-event ID after this entry; hasID says
-	// whether the stream has committed one at all by then, setsID whether
-	// this entry's own block had an id field.
-	id     string
-	setsID bool
-	hasID  bool
-	kind   entryKind
+	// id is the committed last-event ID after this entry.
+	id string
 	// retry is a retry line's value in ms (entryRetry).
 	retry int64
 	// at is when the entry was published, in Unix nanoseconds.
@@ -31,6 +24,13 @@ type entry struct {
 	// off is the stream's byte count before this entry, to measure how far
 	// behind a client is in bytes.
 	off uint64
+	// hdr is where the payload starts in frame.
+	hdr uint8
+	// setsID says whether this entry's own block had an id field; hasID
+	// whether the stream has committed one at all by then.
+	setsID bool
+	hasID  bool
+	kind   entryKind
 }
 
 // payload is the entry's event-stream bytes, without the chunk framing.
