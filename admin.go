@@ -38,7 +38,18 @@ func (a adminStreams) Routes() []caddy.AdminRoute {
 type hubStatus struct {
 	Upstream string         `json:"upstream"`
 	Vary     []string       `json:"vary,omitempty"`
+	Cluster  *clusterStatus `json:"cluster,omitempty"`
 	Streams  []streamStatus `json:"streams"`
+}
+
+// clusterStatus is a hub's cluster in the admin view.
+type clusterStatus struct {
+	Name      string `json:"name"`
+	Node      string `json:"node"`
+	Connected bool   `json:"connected"`
+	Ready     bool   `json:"ready"`
+	Epoch     string `json:"epoch,omitempty"`
+	Warning   string `json:"warning,omitempty"`
 }
 
 // streamStatus is one stream in the admin view.
@@ -52,6 +63,8 @@ type streamStatus struct {
 	RetryMillis    int64  `json:"origin_retry_ms,omitempty"`
 	LastEventIDLen int    `json:"last_event_id_length"`
 	CatchUps       int    `json:"catch_ups"`
+	ClusterRole    string `json:"cluster_role,omitempty"`
+	ClusterHolder  string `json:"cluster_holder,omitempty"`
 }
 
 func (adminStreams) serve(w http.ResponseWriter, r *http.Request) error {
@@ -72,6 +85,12 @@ func (adminStreams) serve(w http.ResponseWriter, r *http.Request) error {
 func (h *hub) status() hubStatus {
 	h.mu.Lock()
 	hs := hubStatus{Upstream: h.tmpl.raw, Vary: h.vary, Streams: []streamStatus{}}
+	if c := h.cluster; c != nil {
+		_, _, _, epoch := c.objects()
+		c.mu.Lock()
+		hs.Cluster = &clusterStatus{Name: c.cfg.Name, Node: nodeID, Connected: c.link.connected(), Ready: c.ready, Epoch: epoch, Warning: c.warning}
+		c.mu.Unlock()
+	}
 	streams := make([]*stream, 0, len(h.streams))
 	clients := make([]int, 0, len(h.streams))
 	for _, s := range h.streams {
@@ -84,6 +103,13 @@ func (h *hub) status() hubStatus {
 		catchUps := len(s.catchUps)
 		s.cuMu.Unlock()
 		s.mu.RLock()
+		role, holder := "", ""
+		if cs, ok := s.src.(*clusterSource); ok {
+			role = roleNames[cs.role.Load()]
+			if n := cs.holder.Load(); n != nil {
+				holder = *n
+			}
+		}
 		hs.Streams = append(hs.Streams, streamStatus{
 			Stream:         s.name,
 			State:          s.state.String(),
@@ -94,6 +120,8 @@ func (h *hub) status() hubStatus {
 			RetryMillis:    s.retry,
 			LastEventIDLen: len(s.lastID),
 			CatchUps:       catchUps,
+			ClusterRole:    role,
+			ClusterHolder:  holder,
 		})
 		s.mu.RUnlock()
 	}

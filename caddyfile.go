@@ -54,6 +54,18 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    catch_up_events       <n>
 //	    assign_ids
 //	    replay_since          <duration>
+//	    cluster nats <url...> {
+//	        name        <name>
+//	        credentials <file>
+//	        tls_ca      <file>
+//	        tls_cert    <file>
+//	        tls_key     <file>
+//	        lease       <duration>
+//	        replicas    <n>
+//	        max_age     <duration>
+//	        max_bytes   <size>
+//	        fallback    off
+//	    }
 //	    transport http {
 //	        <reverse_proxy http transport options>
 //	    }
@@ -152,6 +164,8 @@ func (h *Handler) unmarshalOption(d *caddyfile.Dispenser, opt string) error {
 		return h.unmarshalHeaderUp(d)
 	case "transport":
 		return h.unmarshalTransport(d)
+	case "cluster":
+		return h.unmarshalCluster(d)
 	default:
 		return d.Errf("unrecognized sse_fanout option %q", opt)
 	}
@@ -222,6 +236,61 @@ func (h *Handler) unmarshalTransport(d *caddyfile.Dispenser) error {
 		return d.Errf("%v", err)
 	}
 	h.TransportRaw = raw
+	return nil
+}
+
+// unmarshalCluster parses `cluster nats <url...> { ... }`.
+func (h *Handler) unmarshalCluster(d *caddyfile.Dispenser) error {
+	if !d.NextArg() || d.Val() != "nats" {
+		return d.Errf("cluster: the only engine is NATS JetStream: 'cluster nats <url...> { ... }'")
+	}
+	n := &NATSConfig{URLs: d.RemainingArgs()}
+	if len(n.URLs) == 0 {
+		return d.Errf("cluster nats: at least one NATS URL is required, e.g. nats://127.0.0.1:4222")
+	}
+	seen := map[string]bool{}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		opt := d.Val()
+		if seen[opt] {
+			return d.Errf("cluster %s: specified more than once", opt)
+		}
+		seen[opt] = true
+		var err error
+		switch opt {
+		case "name", "credentials", "tls_ca", "tls_cert", "tls_key":
+			if !d.NextArg() {
+				return d.Errf("cluster %s: missing value", opt)
+			}
+			v := d.Val()
+			*map[string]*string{"name": &n.Name, "credentials": &n.Credentials, "tls_ca": &n.TLSCA, "tls_cert": &n.TLSCert, "tls_key": &n.TLSKey}[opt] = v
+			err = noMoreArgs(d, "cluster "+opt)
+		case "lease":
+			n.Lease, err = durationArg(d, "cluster lease", false)
+		case "max_age":
+			n.MaxAge, err = durationArg(d, "cluster max_age", false)
+		case "replicas":
+			n.Replicas, err = intArg(d, "cluster replicas", 1, false)
+		case "max_bytes":
+			n.MaxBytes, err = sizeArg(d, "cluster max_bytes", false)
+		case "fallback":
+			if !d.NextArg() || d.Val() != "off" {
+				return d.Errf("cluster fallback: the only value is 'off' (the fall-back is on by default)")
+			}
+			n.NoFallback = true
+			err = noMoreArgs(d, "cluster fallback")
+		default:
+			return d.Errf("unrecognized cluster option %q", opt)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	check := *n
+	check.setDefaults()
+	if err := check.validate(); err != nil {
+		return d.Errf("%v", err)
+	}
+	h.Cluster = &ClusterConfig{NATS: n}
 	return nil
 }
 

@@ -448,6 +448,19 @@ func (c *client) resume(done <-chan struct{}) (end string) {
 	id := c.unknownID
 	c.unknownID, c.hasUnknownID = "", false
 	h, s := c.h, c.s
+	if cs, ok := s.src.(*clusterSource); ok {
+		// another node's holder may have published it: wait until this
+		// node's history has what the log had when the client came
+		cs.awaitApplied(time.Second)
+		s.mu.RLock()
+		seq, found := s.find(id)
+		s.mu.RUnlock()
+		if found {
+			metrics.resumes.WithLabelValues("history").Inc()
+			c.cursor = seq
+			return ""
+		}
+	}
 	if h.MaxCatchUps < 0 || s.hub.assignIDs {
 		return c.startLive(gapNotFound)
 	}

@@ -75,6 +75,8 @@ type hub struct {
 	headerUp *headers.HeaderOps
 	// assignIDs gives events the proxy's own ids (part of the identity).
 	assignIDs bool
+	// cluster, when set, is the NATS cluster the hub's streams share.
+	cluster *clusterHub
 
 	// ctx is the hub's own lifetime, not a config's: it ends when the last
 	// config using the hub is gone.
@@ -227,7 +229,12 @@ func (h *hub) attach(key string, target *url.URL, reqHeader http.Header, last la
 		}
 		h.streams[key] = s
 		metrics.streams.Inc()
-		go s.run(newUpstream(s))
+		if h.cluster != nil {
+			s.src = newClusterSource(s, h.cluster)
+		} else {
+			s.src = newUpstream(s)
+		}
+		go s.run()
 	}
 	if maxClients > 0 && s.clients >= maxClients {
 		return nil, 0, "max_clients"
@@ -272,8 +279,23 @@ func (h *hub) detach(s *stream) {
 		return
 	}
 	s.lingerSince = time.Now()
+	h.lingerLocked(s, linger)
+}
+
+// lingerLocked closes the stream after linger unless a client came back.
+// A clustered stream whose upstream this node holds stays open while
+// another node has clients for it.
+func (h *hub) lingerLocked(s *stream, linger time.Duration) {
 	var t *time.Timer
 	t = time.AfterFunc(linger, func() {
+		if c, ok := s.src.(*clusterSource); ok && c.role.Load() == roleHolder && c.othersInterested() {
+			h.mu.Lock()
+			defer h.mu.Unlock()
+			if s.lingerTimer == t && s.clients == 0 && h.streams[s.key] == s {
+				h.lingerLocked(s, linger)
+			}
+			return
+		}
 		h.mu.Lock()
 		defer h.mu.Unlock()
 		// a timer stopped too late (a client came and went meanwhile)

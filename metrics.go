@@ -30,6 +30,12 @@ var metrics = struct {
 	refused        *prometheus.CounterVec
 	resumes        *prometheus.CounterVec
 	resumeGaps     *prometheus.CounterVec
+
+	clusterStreams     *prometheus.GaugeVec
+	clusterTakeovers   prometheus.Counter
+	clusterTakeoverGap prometheus.Counter
+	clusterFenced      prometheus.Counter
+	clusterRejoinGaps  prometheus.Counter
 }{
 	streams: newGauge("streams",
 		"Streams held open, each with one upstream (connected or retrying)."),
@@ -61,6 +67,18 @@ var metrics = struct {
 	resumeGaps: newCounterVec("resume_gaps_total",
 		"Resumes that could not give the client every event after its Last-Event-ID, by reason: not_found (no catch-up to ask: catch_up off, assign_ids, or the stream not live), no_slot (the catch-up bounds kept it out for 2 s), catch_up_failed (the origin answered no event stream), unmet (the ids did not meet within catch_up_timeout or catch_up_events), origin_ignored (the catch-up started at the live head).",
 		[]string{"reason"}, []string{gapNotFound, gapNoSlot, gapFailed, gapUnmet, gapOriginIgnore}),
+
+	clusterStreams: newGaugeVec("cluster_streams",
+		"Clustered streams open on this node, by its role: holder (it holds the stream's upstream and writes the log), follower (it follows the log), fallback (NATS out of reach: its own upstream).",
+		"role", "holder", "follower", "fallback"),
+	clusterTakeovers: newCounter("cluster_takeovers_total",
+		"Streams this node took over from another holder (whose lease had lapsed)."),
+	clusterTakeoverGap: newCounter("cluster_takeover_gap_events_total",
+		"Events an origin sent between a holder's end and its successor's first event, as far as numeric ids tell: an origin that ignores Last-Event-ID starts its new connection from its live head."),
+	clusterFenced: newCounter("cluster_fenced_total",
+		"Times this node, holding a stream, found that another node had taken it over (a write to the log or a refresh of the lease refused, as after a pause): its upstream closed at once."),
+	clusterRejoinGaps: newCounter("cluster_rejoin_gaps_total",
+		"Rejoins after a fall-back whose last id the log did not have: the stream went on from the log with a gap."),
 }
 
 func newGauge(name, help string) prometheus.Gauge {
@@ -116,6 +134,7 @@ func registerMetrics(reg *prometheus.Registry) error {
 	for _, c := range []prometheus.Collector{
 		metrics.streams, metrics.clients, metrics.directClients, metrics.upstreamConns, metrics.attempts, metrics.events,
 		metrics.eventsSkipped, metrics.directStalls, metrics.clientsDropped, metrics.refused, metrics.resumes, metrics.resumeGaps,
+		metrics.clusterStreams, metrics.clusterTakeovers, metrics.clusterTakeoverGap, metrics.clusterFenced, metrics.clusterRejoinGaps,
 	} {
 		if err := reg.Register(c); err != nil {
 			var are prometheus.AlreadyRegisteredError

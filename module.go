@@ -203,6 +203,13 @@ type Handler struct {
 	// (off).
 	ReplaySince caddy.Duration `json:"replay_since,omitempty"`
 
+	// Share streams with the handlers of other Caddy nodes through NATS
+	// JetStream, so that the origin sees one connection per stream across
+	// all of them, and clients resume on any node. Everything a stream
+	// carries, per-user vary streams included, is stored in NATS. Part of
+	// the handler's identity. Default: off (this node alone).
+	Cluster *ClusterConfig `json:"cluster,omitempty"`
+
 	transport *reverseproxy.HTTPTransport
 	// transportJSON is the transport's config, part of the hub identity.
 	transportJSON json.RawMessage
@@ -212,6 +219,9 @@ type Handler struct {
 	hubRef        bool
 	// hubCfg is what this handler brings to its hub.
 	hubCfg *hubConfig
+	// natsLink is the cluster's NATS connection, pooled under natsKey.
+	natsLink *natsLink
+	natsKey  string
 	logger *zap.Logger
 	// stopping is closed when this config's server begins to shut down.
 	stopping chan struct{}
@@ -271,6 +281,11 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		logger: h.logger,
 		done:   ctx.Done(),
 	}
+	if h.Cluster != nil {
+		if err := h.provisionCluster(); err != nil {
+			return err
+		}
+	}
 	h.hubKey, err = h.identity()
 	if err != nil {
 		return err
@@ -278,6 +293,10 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	val, _, err := hubs.LoadOrNew(h.hubKey, func() (caddy.Destructor, error) {
 		hb := newHub(tmpl, h.Vary, h.HeaderUp, h.hubCfg)
 		hb.assignIDs = h.AssignIDs
+		if h.natsLink != nil {
+			hb.cluster = newClusterHub(*h.Cluster.NATS, h.natsLink, h.logger, h.MaxEventSize)
+			go hb.cluster.run(hb.ctx, h.History)
+		}
 		return hb, nil
 	})
 	if err != nil {
@@ -392,6 +411,16 @@ func (h *Handler) Validate() error {
 			return badOption(err.Error(), "transport")
 		}
 	}
+	if c := h.Cluster; c != nil {
+		if c.NATS == nil {
+			return badOption("cluster: the only engine is nats ('cluster nats <url...>')", "cluster")
+		}
+		n := *c.NATS
+		n.setDefaults()
+		if err := n.validate(); err != nil {
+			return badOption(err.Error(), "cluster")
+		}
+	}
 	return nil
 }
 
@@ -456,6 +485,25 @@ func checkTransport(raw json.RawMessage) error {
 	if probe.ProxyProtocol != "" {
 		return errors.New("transport: proxy_protocol is not supported: a shared upstream connection carries no single client's address")
 	}
+	return nil
+}
+
+// provisionCluster fills in the cluster's defaults and takes a reference
+// to the NATS connection it names, shared with every handler that names
+// the same servers, credentials and TLS, and kept across reloads. NATS
+// being unreachable is not an error: the connection keeps trying, and the
+// streams fall back to their own upstreams meanwhile.
+func (h *Handler) provisionCluster() error {
+	n := h.Cluster.NATS
+	n.setDefaults()
+	h.natsKey = n.linkKey()
+	val, _, err := natsLinks.LoadOrNew(h.natsKey, func() (caddy.Destructor, error) {
+		return dialNATS(n, h.logger)
+	})
+	if err != nil {
+		return fmt.Errorf("cluster: %v", err)
+	}
+	h.natsLink = val.(*natsLink)
 	return nil
 }
 
@@ -525,7 +573,8 @@ func (h *Handler) identity() (string, error) {
 		HeaderUp  *headers.HeaderOps `json:"h"`
 		Transport json.RawMessage    `json:"t"`
 		AssignIDs bool               `json:"a"`
-	}{h.Upstream, h.Vary, h.HeaderUp, h.transportJSON, h.AssignIDs})
+		Cluster   *ClusterConfig     `json:"c"`
+	}{h.Upstream, h.Vary, h.HeaderUp, h.transportJSON, h.AssignIDs, h.Cluster})
 	if err != nil {
 		return "", fmt.Errorf("computing handler identity: %v", err)
 	}
@@ -553,6 +602,12 @@ func (h *Handler) Cleanup() error {
 		h.hubRef = false
 		if _, err := hubs.Delete(h.hubKey); err != nil {
 			return fmt.Errorf("releasing shared state: %v", err)
+		}
+	}
+	if h.natsLink != nil {
+		h.natsLink = nil
+		if _, err := natsLinks.Delete(h.natsKey); err != nil {
+			return fmt.Errorf("releasing the NATS connection: %v", err)
 		}
 	}
 	return nil

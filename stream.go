@@ -82,6 +82,8 @@ type stream struct {
 
 	// fan writes to the stream's fast clients.
 	fan *fanout
+	// src feeds the stream (set before it runs).
+	src source
 
 	// cuMu guards the stream's catch-ups (taken before a catch-up's own
 	// lock, never while holding mu).
@@ -151,7 +153,7 @@ const maxPublishWait = time.Second
 
 // run feeds the stream from src until the stream is closed or the origin
 // gives its final answer, then takes the stream out of its hub.
-func (s *stream) run(src source) {
+func (s *stream) run() {
 	defer func() {
 		s.hub.remove(s)
 		close(s.done)
@@ -164,7 +166,7 @@ func (s *stream) run(src source) {
 			return
 		}
 	}
-	src.run(s.ctx, s)
+	s.src.run(s.ctx, s)
 }
 
 // append adds an entry to the history and wakes every client. It never

@@ -293,7 +293,11 @@ func (u *upstream) read(ctx context.Context, cancel context.CancelFunc, body io.
 	set := cfg.settings
 	p.reset()
 	p.setMaxEventSize(int(set.maxEventSize)) // the settings in force now
+	tracker, _ := sink.(originTracker)
 	emit := func(r *record) {
+		if tracker != nil && r.hasID && (r.kind == recEvent || r.kind == recID) {
+			tracker.originID(r.id) // the origin's, before any proxy id
+		}
 		switch r.kind {
 		case recEvent:
 			metrics.events.Inc()
@@ -350,6 +354,12 @@ func (u *upstream) read(ctx context.Context, cancel context.CancelFunc, body io.
 			return o
 		}
 	}
+}
+
+// originTracker is a sink that keeps the origin's own committed id, to
+// resume a stream's upstream elsewhere (the cluster's log).
+type originTracker interface {
+	originID(id string)
 }
 
 // idEntry is the id-only block that commits r's id.

@@ -162,10 +162,12 @@ func (c *caddyServer) metrics(names ...string) (map[string]float64, error) {
 
 // streamView is one stream in the admin API's view.
 type streamView struct {
-	Stream    string `json:"stream"`
-	State     string `json:"state"`
-	Clients   int    `json:"clients"`
-	Published uint64 `json:"published"`
+	Stream        string `json:"stream"`
+	State         string `json:"state"`
+	Clients       int    `json:"clients"`
+	Published     uint64 `json:"published"`
+	ClusterRole   string `json:"cluster_role"`
+	ClusterHolder string `json:"cluster_holder"`
 }
 
 // streams returns every stream the admin API lists.
