@@ -384,4 +384,3 @@ func (ls *logSink) commit(ctx context.Context) error {
 		}
 	}
 }
-

@@ -222,7 +222,7 @@ type Handler struct {
 	// natsLink is the cluster's NATS connection, pooled under natsKey.
 	natsLink *natsLink
 	natsKey  string
-	logger *zap.Logger
+	logger   *zap.Logger
 	// stopping is closed when this config's server begins to shut down.
 	stopping chan struct{}
 	state    *handlerState

@@ -262,7 +262,9 @@ func (c *esClient) waitEvent(t testing.TB, n int, within time.Duration) {
 		c.mu.Lock()
 		defer c.mu.Unlock()
 		return contains(c.events, want)
-	}, func() string { return fmt.Sprintf("client did not get event %d within %v: %v", n, within, tailList(c.snapshot(), 5)) })
+	}, func() string {
+		return fmt.Sprintf("client did not get event %d within %v: %v", n, within, tailList(c.snapshot(), 5))
+	})
 }
 
 func contains(l []string, s string) bool {
