@@ -147,7 +147,12 @@ func (r *recordReader) header() http.Header {
 	h := make(http.Header, n)
 	for range n {
 		name := string(r.bytes())
-		vals := make([]string, r.uvarint()%1024)
+		count := r.uvarint()
+		if count > uint64(len(r.b)) {
+			r.err = errBadRecord
+			return nil
+		}
+		vals := make([]string, count)
 		for i := range vals {
 			vals[i] = string(r.bytes())
 		}
