@@ -95,7 +95,7 @@ func requireChromium(t *testing.T) {
 }
 
 // startBrowser starts headless Chromium; it is killed at test cleanup.
-func startBrowser(t *testing.T) context.Context {
+func startBrowser(t *testing.T, extra ...chromedp.ExecAllocatorOption) context.Context {
 	t.Helper()
 	requireChromium(t)
 	userData := t.TempDir() // removed after the browser is gone (cleanups run in reverse)
@@ -108,7 +108,7 @@ func startBrowser(t *testing.T) context.Context {
 			logs = append(logs, fmt.Sprintf(format, args...))
 		}
 	}
-	allocCtx, cancelAlloc := chromedp.NewExecAllocator(context.Background(), browserFlags(userData)...)
+	allocCtx, cancelAlloc := chromedp.NewExecAllocator(context.Background(), append(browserFlags(userData), extra...)...)
 	ctx, cancel := chromedp.NewContext(allocCtx, chromedp.WithErrorf(logf))
 	t.Cleanup(func() {
 		tctx, tcancel := context.WithTimeout(ctx, 10*time.Second)

@@ -105,6 +105,13 @@ func (c *caddyServer) checkGauges(t testing.TB) {
 	c.load(t, `handle /never-requested {
 		sse_fanout http://127.0.0.1:9
 	}`)
+	c.waitGaugesZero(t)
+}
+
+// waitGaugesZero waits until the module's gauges (streams, clients,
+// upstream connections) read zero in the admin API's metrics.
+func (c *caddyServer) waitGaugesZero(t testing.TB) {
+	t.Helper()
 	names := []string{"caddy_sse_fanout_streams", "caddy_sse_fanout_clients", "caddy_sse_fanout_direct_clients", "caddy_sse_fanout_upstream_connections"}
 	deadline := time.Now().Add(10 * time.Second)
 	for {
