@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 )
@@ -52,19 +53,38 @@ type clusterStatus struct {
 	Warning   string `json:"warning,omitempty"`
 }
 
-// streamStatus is one stream in the admin view.
+// streamStatus is one stream in the admin view and on the status page.
+// Counters count from the stream's start; the status page adds rates.
 type streamStatus struct {
-	Stream         string `json:"stream"`
-	State          string `json:"state"`
-	Clients        int    `json:"clients"`
-	HistoryEvents  int    `json:"history_entries"`
-	HistoryBytes   int64  `json:"history_bytes"`
-	Published      uint64 `json:"published"`
-	RetryMillis    int64  `json:"origin_retry_ms,omitempty"`
-	LastEventIDLen int    `json:"last_event_id_length"`
-	CatchUps       int    `json:"catch_ups"`
-	ClusterRole    string `json:"cluster_role,omitempty"`
-	ClusterHolder  string `json:"cluster_holder,omitempty"`
+	// Stream is a hash of the stream's key: stable, and never the
+	// expanded path, query or vary values, which can hold credentials.
+	Stream        string  `json:"stream"`
+	State         string  `json:"state"`
+	UptimeSeconds float64 `json:"uptime_seconds"`
+	Clients       int     `json:"clients"`
+	// UpstreamHere says whether this process holds the stream's upstream
+	// connection open: it is live and not followed from another cluster
+	// node's upstream.
+	UpstreamHere    bool              `json:"upstream_here"`
+	HistoryEvents   int               `json:"history_entries"`
+	HistoryCapacity int               `json:"history_capacity"`
+	HistoryBytes    int64             `json:"history_bytes"`
+	HistoryMaxBytes int64             `json:"history_max_bytes"`
+	Published       uint64            `json:"published"`
+	Events          uint64            `json:"events_total"`
+	Deliveries      uint64            `json:"deliveries_total"`
+	BytesSent       uint64            `json:"bytes_sent_total"`
+	Dropped         map[string]uint64 `json:"dropped"`
+	Resumes         map[string]uint64 `json:"resumes"`
+	CatchUps        int               `json:"catch_ups"`
+	CatchUpsTotal   uint64            `json:"catch_ups_total"`
+	LagP50Millis    float64           `json:"lag_p50_ms"`
+	LagP99Millis    float64           `json:"lag_p99_ms"`
+	LagSamples      int               `json:"lag_samples"`
+	RetryMillis     int64             `json:"origin_retry_ms,omitempty"`
+	LastEventIDLen  int               `json:"last_event_id_length"`
+	ClusterRole     string            `json:"cluster_role,omitempty"`
+	ClusterHolder   string            `json:"cluster_holder,omitempty"`
 }
 
 func (adminStreams) serve(w http.ResponseWriter, r *http.Request) error {
@@ -83,7 +103,6 @@ func (adminStreams) serve(w http.ResponseWriter, r *http.Request) error {
 
 // status describes the hub and its streams.
 func (h *hub) status() hubStatus {
-	h.mu.Lock()
 	hs := hubStatus{Upstream: h.tmpl.raw, Vary: h.vary, Streams: []streamStatus{}}
 	if c := h.cluster; c != nil {
 		_, _, _, epoch := c.objects()
@@ -91,6 +110,8 @@ func (h *hub) status() hubStatus {
 		hs.Cluster = &clusterStatus{Name: c.cfg.Name, Node: nodeID, Connected: c.link.connected(), Ready: c.ready, Epoch: epoch, Warning: c.warning}
 		c.mu.Unlock()
 	}
+	h.mu.Lock()
+	set := h.active.settings
 	streams := make([]*stream, 0, len(h.streams))
 	clients := make([]int, 0, len(h.streams))
 	for _, s := range h.streams {
@@ -99,34 +120,62 @@ func (h *hub) status() hubStatus {
 	}
 	h.mu.Unlock()
 	for i, s := range streams {
-		s.cuMu.Lock()
-		catchUps := len(s.catchUps)
-		s.cuMu.Unlock()
-		s.mu.RLock()
-		role, holder := "", ""
-		if cs, ok := s.src.(*clusterSource); ok {
-			role = roleNames[cs.role.Load()]
-			if n := cs.holder.Load(); n != nil {
-				holder = *n
-			}
-		}
-		hs.Streams = append(hs.Streams, streamStatus{
-			Stream:         s.name,
-			State:          s.state.String(),
-			Clients:        clients[i],
-			HistoryEvents:  s.hist.count,
-			HistoryBytes:   s.hist.bytes,
-			Published:      s.hist.head,
-			RetryMillis:    s.retry,
-			LastEventIDLen: len(s.lastID),
-			CatchUps:       catchUps,
-			ClusterRole:    role,
-			ClusterHolder:  holder,
-		})
-		s.mu.RUnlock()
+		hs.Streams = append(hs.Streams, s.status(clients[i], set))
 	}
 	slices.SortFunc(hs.Streams, func(a, b streamStatus) int { return strings.Compare(a.Stream, b.Stream) })
 	return hs
+}
+
+// status describes the stream, which has the given clients, under the
+// hub's settings in force.
+func (s *stream) status(clients int, set hubSettings) streamStatus {
+	st := &s.stats
+	s.cuMu.Lock()
+	catchUps := len(s.catchUps)
+	s.cuMu.Unlock()
+	p50, p99, n := st.lagQuantiles()
+	out := streamStatus{
+		Stream:          s.name,
+		Clients:         clients,
+		UpstreamHere:    s.upstreamOpenHere(),
+		HistoryCapacity: set.history,
+		HistoryMaxBytes: set.historyBytes,
+		Events:          st.events.Load(),
+		Deliveries:      st.deliveries.Load(),
+		BytesSent:       st.bytes.Load(),
+		Dropped:         make(map[string]uint64, len(dropNames)),
+		Resumes:         make(map[string]uint64, len(resumeNames)),
+		CatchUps:        catchUps,
+		CatchUpsTotal:   st.catchUps.Load(),
+		LagP50Millis:    p50 * 1000,
+		LagP99Millis:    p99 * 1000,
+		LagSamples:      n,
+	}
+	if since := st.liveSince.Load(); since != 0 {
+		out.UptimeSeconds = time.Since(time.Unix(0, since)).Seconds()
+	}
+	for k, name := range dropNames {
+		out.Dropped[name] = st.dropped[k].Load()
+	}
+	for k, name := range resumeNames {
+		out.Resumes[name] = st.resumes[k].Load()
+	}
+	if cs, ok := s.src.(*clusterSource); ok {
+		role := cs.role.Load()
+		out.ClusterRole = roleNames[role]
+		if n := cs.holder.Load(); n != nil {
+			out.ClusterHolder = *n
+		}
+	}
+	s.mu.RLock()
+	out.State = s.state.String()
+	out.HistoryEvents = s.hist.count
+	out.HistoryBytes = s.hist.bytes
+	out.Published = s.hist.head
+	out.RetryMillis = s.retry
+	out.LastEventIDLen = len(s.lastID)
+	s.mu.RUnlock()
+	return out
 }
 
 // Interface guard

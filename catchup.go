@@ -234,6 +234,7 @@ func (s *stream) tryCatchUp(id string, maxPerStream int) (cu *catchUp, r *catchU
 	}
 	s.catchUps[id] = cu
 	s.lastCatchUp = cu.start
+	s.stats.catchUps.Add(1)
 	h.catchUps.Add(1)
 	src := &upstream{hub: h, target: s.target, header: s.header, name: s.name, resume: id, once: true, label: sourceCatchUp}
 	go func() {
@@ -274,7 +275,7 @@ func (c *client) followCatchUp(cu *catchUp, r *catchUpReader, done <-chan struct
 			c.gap(gapOriginIgnore)
 			return
 		}
-		metrics.resumes.WithLabelValues("catch_up").Inc()
+		s.stats.resume(resumeCatchUp)
 	}
 	for {
 		entries, over, events, wake := cu.next(r)
@@ -291,9 +292,14 @@ func (c *client) followCatchUp(cu *catchUp, r *catchUpReader, done <-chan struct
 					return ""
 				}
 			}
-			if err := c.write(c.bytesOf(e)); err != nil {
+			p := c.bytesOf(e)
+			if err := c.write(p); err != nil {
 				return writeEnd(err)
 			}
+			var t tally
+			t.count(e)
+			t.at = 0 // not published live: no lag to sample
+			s.stats.delivered(t)
 			delivered++
 			if e.setsID {
 				lastID = e.id
@@ -352,7 +358,7 @@ func (c *client) bytesOf(e *entry) []byte {
 // gap counts a resume that could not give the client everything after its
 // Last-Event-ID.
 func (c *client) gap(reason string) {
-	metrics.resumes.WithLabelValues("live").Inc()
+	c.s.stats.resume(resumeLive)
 	metrics.resumeGaps.WithLabelValues(reason).Inc()
 	if ce := c.h.logger.Check(zapcore.DebugLevel, "resume with a gap: the client continues live"); ce != nil {
 		ce.Write(zap.String("stream", c.s.name), zap.String("reason", reason))

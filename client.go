@@ -162,12 +162,13 @@ func (c *client) runOwn() {
 // slow takes a hijacked client back from its stream's writer when its
 // socket did not take a write at once: it finishes the partly written
 // bytes, then serves it from its cursor like any client.
-func (c *client) slow(pending []byte) {
+func (c *client) slow(pending []byte, t tally) {
 	if len(pending) > 0 {
 		if err := c.write(pending); err != nil {
 			c.finish(writeEnd(err))
 			return
 		}
+		c.s.stats.delivered(t)
 	}
 	c.runOwn()
 }
@@ -228,7 +229,7 @@ func (c *client) start(last lastID, arrived uint64) (prelude []byte, respHeader 
 	if last.set {
 		c.cursor, found = s.find(last.id)
 		if found {
-			metrics.resumes.WithLabelValues("history").Inc()
+			s.stats.resume(resumeHistory)
 		} else {
 			// caught up from the origin, or live with a gap: decided
 			// by its loop, which may have to wait for a slot
@@ -284,7 +285,7 @@ func (h *Handler) retryMillis(s *stream) (int64, bool) {
 // collect gathers what the client has not been sent yet (see
 // history.collect), how far behind it is, and the channel that the next
 // publish closes.
-func (c *client) collect(buf **[]byte, skipRetry bool) (out []byte, coalesced bool, next uint64, wake <-chan struct{}, behind lag) {
+func (c *client) collect(buf **[]byte, skipRetry bool) (b collected, wake <-chan struct{}, behind lag) {
 	s := c.s
 	s.mu.RLock()
 	defer s.mu.RUnlock()
@@ -292,10 +293,9 @@ func (c *client) collect(buf **[]byte, skipRetry bool) (out []byte, coalesced bo
 	s.wakeTaken.Store(true)
 	behind = s.hist.behind(c.cursor)
 	if behind == lagEvicted {
-		return nil, false, c.cursor, wake, behind
+		return collected{next: c.cursor}, wake, behind
 	}
-	out, coalesced, next = s.hist.collect(c.cursor, buf, skipRetry, c.sock != nil)
-	return out, coalesced, next, wake, behind
+	return s.hist.collect(c.cursor, buf, skipRetry, c.sock != nil), wake, behind
 }
 
 // loop writes the stream to the client as it grows, with keepalives when
@@ -361,13 +361,14 @@ func (c *client) loop(done <-chan struct{}) (end string) {
 	}()
 	caughtUp := false
 	for {
-		out, coalesced, next, wake, behind := c.collect(&bufp, skipRetry)
+		b, wake, behind := c.collect(&bufp, skipRetry)
+		out, next := b.out, b.next
 		// a client that fell far behind is dropped while its resume point
 		// is still in the history; one that starts far behind (a resume or
 		// a long replay) is let catch up, as dropping it would only bring
 		// it back to the same point
 		if behind == lagEvicted || (behind == lagFar && caughtUp) {
-			metrics.clientsDropped.WithLabelValues("lagging").Inc()
+			s.stats.drop(dropLagging)
 			c.debug("client too far behind, disconnecting")
 			return endLagging
 		}
@@ -385,7 +386,10 @@ func (c *client) loop(done <-chan struct{}) (end string) {
 		}
 		if len(out) > 0 {
 			err := c.write(out)
-			if coalesced {
+			if err == nil {
+				s.stats.delivered(b.tally)
+			}
+			if b.coalesced {
 				if cap(out) <= 2*maxBatch {
 					*bufp = out[:0] // keep a grown buffer
 				}
@@ -432,6 +436,7 @@ func (c *client) loop(done <-chan struct{}) (end string) {
 			if err := c.write(c.keepalive()); err != nil {
 				return writeEnd(err)
 			}
+			s.stats.wrote(len(keepaliveComment))
 			ka.Reset(keepalive)
 		case <-drain:
 			return endDrained
@@ -456,7 +461,7 @@ func (c *client) resume(done <-chan struct{}) (end string) {
 		seq, found := s.find(id)
 		s.mu.RUnlock()
 		if found {
-			metrics.resumes.WithLabelValues("history").Inc()
+			s.stats.resume(resumeHistory)
 			c.cursor = seq
 			return ""
 		}
@@ -570,7 +575,7 @@ func (c *client) write(p []byte) error {
 
 func (c *client) writeFailed(err error) {
 	if errors.Is(err, os.ErrDeadlineExceeded) {
-		metrics.clientsDropped.WithLabelValues("write_timeout").Inc()
+		c.s.stats.drop(dropWriteTimeout)
 	}
 	c.debug("write to client failed")
 }

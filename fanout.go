@@ -138,7 +138,11 @@ func (f *fanout) pass() (next time.Time) {
 	}
 	evicted := f.sent < s.hist.oldest()
 	b := f.collect(f.sent)
-	catchUps := make([][]byte, len(adds))
+	type catchUp struct {
+		p []byte
+		t tally
+	}
+	catchUps := make([]catchUp, len(adds))
 	var lagging, later []*client
 	for i, c := range adds {
 		switch {
@@ -147,7 +151,7 @@ func (f *fanout) pass() (next time.Time) {
 		case c.cursor < s.hist.oldest():
 			lagging = append(lagging, c)
 		default:
-			catchUps[i] = s.hist.frames(c.cursor, b.next, c.h.Retry > 0)
+			catchUps[i].p, catchUps[i].t = s.hist.frames(c.cursor, b.next, c.h.Retry > 0)
 		}
 	}
 	final := s.state == stateFinal
@@ -166,11 +170,11 @@ func (f *fanout) pass() (next time.Time) {
 	}
 	for i, c := range adds {
 		if !slices.Contains(later, c) && !slices.Contains(lagging, c) {
-			f.merge(c, catchUps[i], now)
+			f.merge(c, catchUps[i].p, catchUps[i].t, now)
 		}
 	}
 	for _, c := range lagging {
-		metrics.clientsDropped.WithLabelValues("lagging").Inc()
+		s.stats.drop(dropLagging)
 		c.finish(endLagging)
 	}
 	if len(later) > 0 {
@@ -194,6 +198,9 @@ type batch struct {
 	// next pass reuses
 	shared bool
 	next   uint64 // the position after them
+	tally         // what all carries
+	// retryBytes are the retry lines' bytes in all, not in noRetry
+	retryBytes int
 }
 
 // blocks reports whether appending size bytes would evict an entry that
@@ -225,21 +232,27 @@ func (f *fanout) collect(cursor uint64) batch {
 		return batch{next: h.head}
 	}
 	if e := h.at(cursor); h.head-cursor == 1 && e.kind != entryRetry {
-		return batch{all: e.frame, next: h.head} // as it is: no copy
+		b := batch{all: e.frame, next: h.head} // as it is: no copy
+		b.count(e)
+		return b
 	}
 	all, noRetry := f.batch[:0], f.batchNoRetry[:0]
 	sawRetry := false
+	var t tally
+	retryBytes := 0
 	for ; cursor < h.head && len(all) < maxBatch; cursor++ {
 		e := h.at(cursor)
 		all = append(all, e.frame...)
+		t.count(e)
 		if e.kind == entryRetry {
 			sawRetry = true
+			retryBytes += len(e.payload())
 			continue
 		}
 		noRetry = append(noRetry, e.frame...)
 	}
 	f.batch, f.batchNoRetry = keepSmall(all), keepSmall(noRetry)
-	b := batch{all: all, shared: true, next: cursor}
+	b := batch{all: all, shared: true, next: cursor, tally: t, retryBytes: retryBytes}
 	if sawRetry {
 		b.noRetry = noRetry
 	}
@@ -265,50 +278,56 @@ const shardMin = 512
 func (f *fanout) sendAll(b batch, now time.Time) {
 	shards := min(runtime.GOMAXPROCS(0), len(f.fast)/shardMin)
 	if shards < 2 {
-		f.fast = f.fast[:f.sendRange(f.fast, b, now)]
+		kept, n := f.sendRange(f.fast, b, now)
+		f.fast = f.fast[:kept]
+		f.s.stats.sent(kept, n, b.tally)
 		return
 	}
 	size := (len(f.fast) + shards - 1) / shards
-	kept := make([]int, shards)
+	kept, sent := make([]int, shards), make([]int, shards)
 	var wg sync.WaitGroup
 	for i := 1; i < shards; i++ {
 		part := f.fast[i*size : min((i+1)*size, len(f.fast))]
-		wg.Go(func() { kept[i] = f.sendRange(part, b, now) })
+		wg.Go(func() { kept[i], sent[i] = f.sendRange(part, b, now) })
 	}
-	kept[0] = f.sendRange(f.fast[:size], b, now)
+	kept[0], sent[0] = f.sendRange(f.fast[:size], b, now)
 	wg.Wait()
 	// close the gaps the shards left
-	n := kept[0]
+	n, bytes := kept[0], sent[0]
 	for i := 1; i < shards; i++ {
 		start := i * size
 		n += copy(f.fast[n:], f.fast[start:start+kept[i]])
+		bytes += sent[i]
 	}
 	clear(f.fast[n:])
 	f.fast = f.fast[:n]
+	f.s.stats.sent(n, bytes, b.tally)
 }
 
 // sendRange writes a batch to the clients of part, moves those that stay
-// to its front, and returns how many did.
-func (f *fanout) sendRange(part []*client, b batch, now time.Time) int {
-	kept := 0
+// to its front, and returns how many did and the event-stream bytes they
+// took. Those that left the fast set count their own.
+func (f *fanout) sendRange(part []*client, b batch, now time.Time) (kept, bytes int) {
 	for _, c := range part {
-		p := b.all
+		p, t := b.all, b.tally
 		if b.noRetry != nil && c.h.Retry > 0 {
-			p = b.noRetry
+			p, t.bytes = b.noRetry, t.bytes-b.retryBytes
 		}
-		if f.send(c, p, b.shared, b.next, now) {
+		if f.send(c, p, b.shared, b.next, now, t) {
 			part[kept] = c
 			kept++
+			bytes += t.bytes
 		}
 	}
 	clear(part[kept:])
-	return kept
+	return kept, bytes
 }
 
-// send writes p to a fast client without waiting, which then stands at
-// next. It reports false when the client left the fast set: to a
-// goroutine of its own with what its socket did not take, or ended.
-func (f *fanout) send(c *client, p []byte, shared bool, next uint64, now time.Time) bool {
+// send writes p, which carries t, to a fast client without waiting, which
+// then stands at next. It reports false when the client left the fast
+// set: to a goroutine of its own with what its socket did not take (which
+// counts t once it is written), or ended.
+func (f *fanout) send(c *client, p []byte, shared bool, next uint64, now time.Time, t tally) bool {
 	n, err := c.sock.tryWrite(p)
 	c.sent += int64(n)
 	c.cursor = next
@@ -322,7 +341,7 @@ func (f *fanout) send(c *client, p []byte, shared bool, next uint64, now time.Ti
 			rest = bytes.Clone(rest) // the batch buffer is reused
 		}
 		metrics.directStalls.Inc()
-		go c.slow(rest)
+		go c.slow(rest, t)
 		return false
 	default:
 		c.finish(endWriteFailed)
@@ -333,13 +352,16 @@ func (f *fanout) send(c *client, p []byte, shared bool, next uint64, now time.Ti
 // merge adds a handed-over client to the fast set once it has what it
 // lacked (catchUp; nil when that is more than a batch: back to its
 // goroutine).
-func (f *fanout) merge(c *client, catchUp []byte, now time.Time) {
+func (f *fanout) merge(c *client, catchUp []byte, t tally, now time.Time) {
 	if catchUp == nil && c.cursor != f.sent {
-		go c.slow(nil)
+		go c.slow(nil, tally{})
 		return
 	}
-	if len(catchUp) > 0 && !f.send(c, catchUp, false, f.sent, now) {
-		return
+	if len(catchUp) > 0 {
+		if !f.send(c, catchUp, false, f.sent, now, t) {
+			return
+		}
+		f.s.stats.delivered(t)
 	}
 	c.cursor = f.sent
 	if c.lastWrite.IsZero() {
@@ -381,9 +403,10 @@ func (f *fanout) signals(now time.Time, streamOver bool) (next time.Time) {
 		if ka := time.Duration(c.h.Keepalive); ka > 0 {
 			due := c.lastWrite.Add(ka)
 			if !now.Before(due) {
-				if !f.send(c, keepaliveFrame, false, c.cursor, now) {
+				if !f.send(c, keepaliveFrame, false, c.cursor, now, keepaliveTally) {
 					continue
 				}
+				s.stats.wrote(keepaliveTally.bytes)
 				due = now.Add(ka)
 			}
 			next = earliest(next, due)
@@ -401,6 +424,9 @@ func (f *fanout) signals(now time.Time, streamOver bool) (next time.Time) {
 // finishAll ends every fast client.
 func (f *fanout) finishAll(end string) {
 	for _, c := range f.fast {
+		if end == endLagging {
+			f.s.stats.drop(dropLagging)
+		}
 		c.finish(end)
 	}
 	clear(f.fast)
@@ -416,6 +442,9 @@ func earliest(a, b time.Time) time.Time {
 
 // keepaliveFrame is the keepalive comment as a chunk.
 var keepaliveFrame, _ = frameOf(keepaliveComment)
+
+// keepaliveTally is what a keepalive carries: bytes, no event.
+var keepaliveTally = tally{bytes: len(keepaliveComment)}
 
 // errWouldBlock is a write the socket could not take at once.
 var errWouldBlock = errors.New("socket buffer full")

@@ -203,54 +203,89 @@ func (h *history) behind(cursor uint64) lag {
 // bytes, into *buf (borrowed from batchPool when nil), and coalesced is
 // true. With skipRetry, retry lines are left out (the handler sends its
 // own). The cursor must be held.
-func (h *history) collect(cursor uint64, buf **[]byte, skipRetry, framed bool) (out []byte, coalesced bool, next uint64) {
+func (h *history) collect(cursor uint64, buf **[]byte, skipRetry, framed bool) (b collected) {
 	bytesOf := (*entry).payload
 	if framed {
 		bytesOf = func(e *entry) []byte { return e.frame }
 	}
+	b.next = cursor
 	if cursor == h.head {
-		return nil, false, cursor
+		return b
 	}
 	if h.head-cursor == 1 {
 		e := h.at(cursor)
+		b.next = h.head
 		if skipRetry && e.kind == entryRetry {
-			return nil, false, h.head
+			return b
 		}
-		return bytesOf(e), false, h.head
+		b.out = bytesOf(e)
+		b.count(e)
+		return b
 	}
 	if *buf == nil {
 		*buf = batchPool.Get().(*[]byte)
 	}
-	out = (**buf)[:0]
-	for ; cursor < h.head && len(out) < maxBatch; cursor++ {
+	b.out, b.coalesced = (**buf)[:0], true
+	for ; cursor < h.head && len(b.out) < maxBatch; cursor++ {
 		e := h.at(cursor)
 		if skipRetry && e.kind == entryRetry {
 			continue
 		}
-		out = append(out, bytesOf(e)...)
+		b.out = append(b.out, bytesOf(e)...)
+		b.count(e)
 	}
-	return out, true, cursor
+	b.next = cursor
+	return b
+}
+
+// collected is what collect gathered for a client.
+type collected struct {
+	out       []byte
+	coalesced bool   // out is a borrowed batch buffer
+	next      uint64 // the cursor after out
+	tally
+}
+
+// tally is what a write carries, for the stream's counters: its events,
+// its event-stream bytes (without chunk framing, so that every protocol
+// counts alike) and when its first event was published (Unix ns).
+type tally struct {
+	events, bytes int
+	at            int64
+}
+
+// count adds an entry written.
+func (t *tally) count(e *entry) {
+	t.bytes += len(e.payload())
+	if e.kind != entryEvent {
+		return
+	}
+	if t.events == 0 {
+		t.at = e.at
+	}
+	t.events++
 }
 
 // frames returns a copy of the frames of the entries from cursor up to to,
-// or nil when they are more than maxBatch bytes (or none is held). With
-// skipRetry, retry lines are left out.
-func (h *history) frames(cursor, to uint64, skipRetry bool) []byte {
+// and their tally, or nil when they are more than maxBatch bytes (or none
+// is held). With skipRetry, retry lines are left out.
+func (h *history) frames(cursor, to uint64, skipRetry bool) (out []byte, t tally) {
 	if cursor < h.oldest() || to > h.head {
-		return nil
+		return nil, t
 	}
 	n := 0
 	for seq := cursor; seq < to; seq++ {
 		n += len(h.at(seq).frame)
 	}
 	if n > maxBatch {
-		return nil
+		return nil, t
 	}
-	out := make([]byte, 0, n)
+	out = make([]byte, 0, n)
 	for seq := cursor; seq < to; seq++ {
 		if e := h.at(seq); !skipRetry || e.kind != entryRetry {
 			out = append(out, e.frame...)
+			t.count(e)
 		}
 	}
-	return out
+	return out, t
 }

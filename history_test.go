@@ -17,7 +17,8 @@ func testStream(history int, historyBytes int64) *stream {
 // collectAt collects for a client at cursor, as the client loop does.
 func collectAt(s *stream, cursor uint64, buf **[]byte, skipRetry bool) ([]byte, bool, uint64, <-chan struct{}, lag) {
 	c := &client{s: s, cursor: cursor}
-	return c.collect(buf, skipRetry)
+	b, wake, behind := c.collect(buf, skipRetry)
+	return b.out, b.coalesced, b.next, wake, behind
 }
 
 func pub(s *stream, id string, setsID bool, data string) {

@@ -62,6 +62,9 @@ type hubConfig struct {
 	// done is the config's context's Done channel: it tells handlers of
 	// one config apart from those of another.
 	done <-chan struct{}
+	// server names the HTTP server of the handler, for the status page
+	// of that server.
+	server string
 }
 
 // hub is the shared state of every handler with the same identity: the
@@ -332,6 +335,31 @@ func (h *hub) forwardHeader(reqHeader http.Header) http.Header {
 		}
 	}
 	return out
+}
+
+// snapshotStreams returns the hub's streams at this moment.
+func (h *hub) snapshotStreams() []*stream {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	out := make([]*stream, 0, len(h.streams))
+	for _, s := range h.streams {
+		out = append(out, s)
+	}
+	return out
+}
+
+// servedBy says whether a handler of the named server shares the hub.
+func (h *hub) servedBy(server string) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return slices.ContainsFunc(h.configs, func(c *hubConfig) bool { return c.server == server })
+}
+
+// clientCount returns how many clients the stream has.
+func (s *stream) clientCount() int {
+	s.hub.mu.Lock()
+	defer s.hub.mu.Unlock()
+	return s.clients
 }
 
 // streamCount returns how many streams the hub holds.

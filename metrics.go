@@ -25,6 +25,10 @@ var metrics = struct {
 	attempts       *prometheus.CounterVec
 	directStalls   prometheus.Counter
 	events         prometheus.Counter
+	deliveries     prometheus.Counter
+	bytesSent      prometheus.Counter
+	deliveryLag    prometheus.Histogram
+	upstreamUptime prometheus.Histogram
 	eventsSkipped  prometheus.Counter
 	clientsDropped *prometheus.CounterVec
 	refused        *prometheus.CounterVec
@@ -52,7 +56,21 @@ var metrics = struct {
 		"Upstream requests by source (stream, catch_up) and outcome: stream, transient (unreachable, 429, 502, 503, 504), permanent (any other answer).",
 		[]string{"source", "outcome"}, []string{sourceStream, sourceCatchUp}, []string{"stream", "transient", "permanent"}),
 	events: newCounter("events_total",
-		"Events received from upstreams (each fanned out to every client of its stream)."),
+		"Events published into streams' histories: from their upstreams, or from the cluster's log (each fanned out to every client of its stream)."),
+	deliveries: newCounter("deliveries_total",
+		"Events written to clients: an event of a stream with N clients counts N."),
+	bytesSent: newCounter("bytes_sent_total",
+		"Bytes of events, ids, retry lines and keepalives written to clients after their response heads."),
+	deliveryLag: prometheus.NewHistogram(prometheus.HistogramOpts{
+		Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "delivery_lag_seconds",
+		Help:    "Time from an event's publication into its stream's history (right after it was read upstream, or applied from the cluster's log) to the end of its write to a client, for one delivery in 64 (sampled deterministically, so that it costs nothing measurable).",
+		Buckets: prometheus.ExponentialBuckets(0.0005, 2, 15),
+	}),
+	upstreamUptime: prometheus.NewHistogram(prometheus.HistogramOpts{
+		Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "upstream_connection_duration_seconds",
+		Help:    "How long streams' upstream connections (or, on a cluster follower, the stream's log) stayed live, observed when they end.",
+		Buckets: []float64{1, 10, 60, 300, 1800, 3600, 6 * 3600, 24 * 3600},
+	}),
 	eventsSkipped: newCounter("events_skipped_total",
 		"Upstream events skipped for being larger than max_event_size."),
 	clientsDropped: newCounterVec("clients_dropped_total",
@@ -133,6 +151,7 @@ func registerMetrics(reg *prometheus.Registry) error {
 	}
 	for _, c := range []prometheus.Collector{
 		metrics.streams, metrics.clients, metrics.directClients, metrics.upstreamConns, metrics.attempts, metrics.events,
+		metrics.deliveries, metrics.bytesSent, metrics.deliveryLag, metrics.upstreamUptime, fanoutRatio,
 		metrics.eventsSkipped, metrics.directStalls, metrics.clientsDropped, metrics.refused, metrics.resumes, metrics.resumeGaps,
 		metrics.clusterStreams, metrics.clusterTakeovers, metrics.clusterTakeoverGap, metrics.clusterFenced, metrics.clusterRejoinGaps,
 	} {
@@ -145,3 +164,28 @@ func registerMetrics(reg *prometheus.Registry) error {
 	}
 	return nil
 }
+
+// fanoutRatio is the clients per upstream connection this process holds
+// open, computed when scraped: how many requests each origin connection
+// stands for. Streams that a cluster node follows from another node's
+// upstream count neither clients nor connections here. 0 while none is
+// open, never a division by zero.
+var fanoutRatio = prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+	Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "fanout_ratio",
+	Help: "Clients per upstream connection open in this process (streams followed from another cluster node's upstream excluded): the origin load the module saves. 0 while none is open.",
+}, func() float64 {
+	clients, open := 0, 0
+	hubs.Range(func(_, v any) bool {
+		for _, s := range v.(*hub).snapshotStreams() {
+			if s.upstreamOpenHere() {
+				open++
+				clients += s.clientCount()
+			}
+		}
+		return true
+	})
+	if open == 0 {
+		return 0
+	}
+	return float64(clients) / float64(open)
+})

@@ -281,6 +281,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		logger: h.logger,
 		done:   ctx.Done(),
 	}
+	if srv, ok := ctx.Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server); ok && srv != nil {
+		h.hubCfg.server = srv.Name()
+	}
 	if h.Cluster != nil {
 		if err := h.provisionCluster(); err != nil {
 			return err

@@ -1,6 +1,7 @@
 package ssefanout
 
 import (
+	"bytes"
 	"fmt"
 	"net/http"
 	"os"
@@ -65,6 +66,13 @@ http://127.0.0.1:%d {
 			}
 			cmd := exec.Command(bin, "run", "--config", cfg, "--adapter", "caddyfile")
 			cmd.Env = append(os.Environ(), "HOME="+t.TempDir(), "XDG_DATA_HOME="+t.TempDir(), "XDG_CONFIG_HOME="+t.TempDir())
+			var stderr lockedBuffer
+			cmd.Stderr = &stderr
+			t.Cleanup(func() {
+				if t.Failed() {
+					t.Logf("caddy's output:\n%s", truncate(stderr.String(), 4000))
+				}
+			})
 			if err := cmd.Start(); err != nil {
 				t.Fatal(err)
 			}
@@ -129,4 +137,23 @@ http://127.0.0.1:%d {
 			t.Logf("%s: exited after %v, all %d streams ended cleanly", how, took.Round(time.Millisecond), n)
 		})
 	}
+}
+
+// lockedBuffer is a bytes.Buffer that a process's output and a test can
+// use at once.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }

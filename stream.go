@@ -82,6 +82,8 @@ type stream struct {
 
 	// fan writes to the stream's fast clients.
 	fan *fanout
+	// stats counts what the stream does, for the status page.
+	stats streamStats
 	// src feeds the stream (set before it runs).
 	src source
 
@@ -191,6 +193,10 @@ func (s *stream) append(e entry) {
 		}
 	}
 	s.hist.append(e)
+	if e.kind == entryEvent {
+		s.stats.events.Add(1)
+		metrics.events.Inc()
+	}
 	if e.kind == entryRetry { // a retry line carries no id of its own
 		s.retry, s.hasRetry = e.retry, true
 		s.retryNext = s.hist.head
@@ -223,6 +229,7 @@ func (s *stream) signal() {
 // answer records how the origin answered; the first answer, whatever it
 // is, releases the clients waiting for it.
 func (s *stream) answer(a answer) {
+	s.stats.live(a.state == stateLive)
 	s.mu.Lock()
 	s.state = a.state
 	if a.header != nil {

@@ -300,7 +300,6 @@ func (u *upstream) read(ctx context.Context, cancel context.CancelFunc, body io.
 		}
 		switch r.kind {
 		case recEvent:
-			metrics.events.Inc()
 			if u.ids != nil {
 				u.ids.assign(r, u, cfg)
 			}

@@ -196,11 +196,14 @@ func (o *Origin) firstID(lastID string, cur uint64) uint64 {
 }
 
 // appendEvent appends the wire form of event id to buf: its id and a JSON
-// ticker payload, {"seq":id,"time":due time,"price":...}.
+// ticker payload, {"seq":id,"time":due time,"price":...,
+// "origin_connections":n}, n being the connections the origin has open as
+// it sends the event, which the demo page shows: 1 however many tabs
+// watch through sse_fanout.
 func (o *Origin) appendEvent(buf []byte, id uint64, base float64) []byte {
 	price := base + 5*math.Sin(float64(id)/20) + 2*math.Sin(float64(id)/3.7)
 	at := o.due(id).UTC().Format("2006-01-02T15:04:05.000Z07:00")
-	return fmt.Appendf(buf, "id: %d\ndata: {\"seq\":%d,\"time\":%q,\"price\":%.2f}\n\n", id, id, at, price)
+	return fmt.Appendf(buf, "id: %d\ndata: {\"seq\":%d,\"time\":%q,\"price\":%.2f,\"origin_connections\":%d}\n\n", id, id, at, price, o.open.Load())
 }
 
 // basePrice returns the price level of path's ticker, so that each path

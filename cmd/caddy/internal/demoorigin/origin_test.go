@@ -125,6 +125,9 @@ func TestResume(t *testing.T) {
 		if !strings.HasPrefix(lines[i], w) {
 			t.Errorf("line %d: got %q, want %q...", i, lines[i], w)
 		}
+		if strings.HasPrefix(w, "data: ") && !strings.HasSuffix(lines[i], `,"origin_connections":1}`) {
+			t.Errorf("line %d: got %q, want the origin's one connection at its end", i, lines[i])
+		}
 	}
 	if n := o.open.Load(); n != 1 {
 		t.Errorf("open connections %d, want 1", n)

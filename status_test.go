@@ -1,0 +1,281 @@
+package ssefanout
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+)
+
+// statusSite is a site with fanned-out streams under /s/ and the status
+// page at /status.
+func statusSite(originURL, statusOpts string) string {
+	return `handle /status {
+		sse_fanout_status ` + statusOpts + `
+	}
+	handle /metrics {
+		metrics
+	}
+	handle_path /s/* {
+		sse_fanout ` + originURL + `/base
+	}`
+}
+
+// getStatus fetches the status page's JSON report.
+func getStatus(t testing.TB, url string, hdr http.Header) (statusReport, *http.Response) {
+	t.Helper()
+	req, _ := http.NewRequest(http.MethodGet, url, nil)
+	req.Header.Set("Accept", "application/json")
+	for k, v := range hdr {
+		req.Header[k] = v
+	}
+	resp, err := sharedTransport.RoundTrip(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	var rep statusReport
+	if resp.StatusCode == http.StatusOK {
+		if err := json.Unmarshal(body, &rep); err != nil {
+			t.Fatalf("status JSON: %v: %s", err, body)
+		}
+	}
+	resp.Body = io.NopCloser(strings.NewReader(string(body)))
+	return rep, resp
+}
+
+// waitStatus polls the JSON report until ok accepts it.
+func waitStatus(t testing.TB, url string, ok func(statusReport) bool) statusReport {
+	t.Helper()
+	var rep statusReport
+	eventually(t, 10*time.Second, func() bool {
+		rep, _ = getStatus(t, url, nil)
+		return ok(rep)
+	}, func() string {
+		b, _ := json.Marshal(rep)
+		return "status report never matched: " + string(b)
+	})
+	return rep
+}
+
+// The page reports what the streams do: clients, the one upstream
+// connection and the fan-out ratio, events and deliveries, history fill,
+// the configured upstream template and never the expanded path or query.
+func TestStatusReportsStreams(t *testing.T) {
+	leakCheck(t)
+	o := newOrigin(t)
+	base := startCaddy(t, statusSite(o.URL, ""))
+
+	// before any stream: no division by zero, no stream
+	rep := waitStatus(t, base+"/status", func(r statusReport) bool { return r.Server != "" })
+	if rep.Streams != 0 || rep.FanoutRatio != nil || rep.UpstreamsOpen != 0 {
+		t.Fatalf("report without streams: %+v", rep)
+	}
+
+	const n, k = 3, 10
+	var cs []*sseClient
+	for range n {
+		cs = append(cs, connect(t, base+"/s/tenant-a?token=sekrit", nil))
+	}
+	o.waitOpen(t, "/base/tenant-a?token=sekrit", 1, 5*time.Second)
+	for i := 1; i <= k; i++ {
+		o.send("/base/tenant-a?token=sekrit", ev(i, "x"))
+	}
+	for _, c := range cs {
+		c.waitFor(t, ev(k, "x"), 5*time.Second)
+	}
+	rep = waitStatus(t, base+"/status", func(r statusReport) bool {
+		return r.Clients == n && len(r.Shown) == 1 && r.Shown[0].Deliveries == n*k
+	})
+	if rep.UpstreamsOpen != 1 || rep.FanoutRatio == nil || *rep.FanoutRatio != n || rep.Streams != 1 {
+		t.Fatalf("totals: %+v", rep)
+	}
+	s := rep.Shown[0]
+	if s.Upstream != o.URL+"/base" || s.State != "live" || s.Events != k || s.HistoryEvents != k ||
+		s.HistoryCapacity != defaultHistory || s.FanoutRatio == nil || *s.FanoutRatio != n || !s.UpstreamHere || s.UptimeSeconds <= 0 {
+		t.Fatalf("stream: %+v", s)
+	}
+	if s.BytesSent < uint64(n*len(ev(k, "x"))*k/2) {
+		t.Fatalf("bytes sent %d is less than the events' bytes", s.BytesSent)
+	}
+	if len(rep.History) == 0 || rep.History[len(rep.History)-1].Clients != n {
+		t.Fatalf("sparkline history: %+v", rep.History)
+	}
+	_, resp := getStatus(t, base+"/status", nil)
+	body, _ := io.ReadAll(resp.Body)
+	for _, secret := range []string{"tenant-a", "sekrit", "token"} {
+		if strings.Contains(string(body), secret) {
+			t.Fatalf("status report shows %q: %s", secret, body)
+		}
+	}
+
+	// the rates settle at zero once the events stop
+	waitStatus(t, base+"/status", func(r statusReport) bool {
+		return len(r.Shown) == 1 && r.EventsPerSec == 0 && r.Shown[0].DeliveriesSec == 0
+	})
+	// the upstream goes: the ratio is "none", not a division by zero
+	o.dropAll()
+	waitStatus(t, base+"/status", func(r statusReport) bool {
+		return r.UpstreamsOpen == 0 && r.FanoutRatio == nil && len(r.Shown) == 1 && r.Shown[0].FanoutRatio == nil
+	})
+}
+
+// The page is one self-contained document; the same URL streams reports
+// to EventSource, the whole first and then without the sparkline history.
+func TestStatusPageAndStream(t *testing.T) {
+	leakCheck(t)
+	o := newOrigin(t)
+	base := startCaddy(t, statusSite(o.URL, ""))
+
+	resp, err := http.Get(base + "/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	page, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || !strings.HasPrefix(resp.Header.Get("Content-Type"), "text/html") {
+		t.Fatalf("page: %d %v", resp.StatusCode, resp.Header)
+	}
+	// no external assets: nothing loaded from another URL
+	if m := regexp.MustCompile(`(?i)(src|href)\s*=|@import|url\(|https?://[^"' ]*\.(js|css)`).Find(page); m != nil {
+		t.Fatalf("the page refers to an external asset: %q", m)
+	}
+	if !strings.Contains(string(page), "new EventSource(") {
+		t.Fatal("the page does not open its event stream")
+	}
+
+	c := connect(t, base+"/status", nil)
+	if ct := c.resp.Header.Get("Content-Type"); ct != "text/event-stream" {
+		t.Fatalf("stream content type %q", ct)
+	}
+	var reports []statusReport
+	eventually(t, 10*time.Second, func() bool {
+		reports = reports[:0]
+		for _, line := range strings.Split(c.bytes(), "\n") {
+			if data, ok := strings.CutPrefix(line, "data: "); ok {
+				var r statusReport
+				if err := json.Unmarshal([]byte(data), &r); err != nil {
+					t.Fatalf("a report is not JSON: %v: %q", err, data)
+				}
+				reports = append(reports, r)
+			}
+		}
+		return len(reports) >= 3
+	}, func() string { return "fewer than 3 reports in 10s: " + c.bytes() })
+	if len(reports[0].History) == 0 || reports[1].History != nil || reports[2].Point.Time <= reports[1].Point.Time {
+		t.Fatalf("first report has %d history points, second %d; points at %d, %d",
+			len(reports[0].History), len(reports[1].History), reports[1].Point.Time, reports[2].Point.Time)
+	}
+	if !strings.HasPrefix(c.bytes(), "retry: ") {
+		t.Fatalf("stream does not set its retry: %q", truncate(c.bytes(), 100))
+	}
+
+	resp, err = http.Post(base+"/status", "text/plain", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusMethodNotAllowed {
+		t.Fatalf("POST answered %d", resp.StatusCode)
+	}
+}
+
+// Only loopback clients see the page unless allow_remote is set; the
+// client address is Caddy's, so a forged X-Forwarded-For from an untrusted
+// peer changes nothing, and a trusted proxy's does.
+func TestStatusLoopbackOnly(t *testing.T) {
+	leakCheck(t)
+	o := newOrigin(t)
+	for _, tc := range []struct {
+		name, global, opts string
+		forwardedFor       string
+		want               int
+	}{
+		{"loopback", "", "", "", 200},
+		{"forged header from an untrusted peer", "", "", "203.0.113.9", 200},
+		{"remote through a trusted proxy", "trusted_proxies static 127.0.0.0/8", "", "203.0.113.9", 403},
+		{"loopback through a trusted proxy", "trusted_proxies static 127.0.0.0/8", "", "127.0.0.2", 200},
+		{"remote allowed", "trusted_proxies static 127.0.0.0/8", "{\n allow_remote\n }", "203.0.113.9", 200},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			port := freePort(t)
+			src := caddyfileFor(port, statusSite(o.URL, tc.opts))
+			if tc.global != "" {
+				src = strings.Replace(src, "grace_period 2s", "grace_period 2s\n\tservers {\n\t\t"+tc.global+"\n\t}", 1)
+			}
+			loadCaddyfile(t, src)
+			t.Cleanup(func() { _ = caddy.Stop() })
+			base := fmt.Sprintf("http://127.0.0.1:%d", port)
+			waitUp(t, base)
+			hdr := http.Header{}
+			if tc.forwardedFor != "" {
+				hdr.Set("X-Forwarded-For", tc.forwardedFor)
+			}
+			_, resp := getStatus(t, base+"/status", hdr)
+			body, _ := io.ReadAll(resp.Body)
+			if resp.StatusCode != tc.want {
+				t.Fatalf("answered %d, want %d: %s", resp.StatusCode, tc.want, body)
+			}
+		})
+	}
+}
+
+// A reload ends the page's stream (Caddy's default grace period would
+// wait for it forever); the page reconnects to the new config.
+func TestStatusStreamEndsOnReload(t *testing.T) {
+	leakCheck(t)
+	o := newOrigin(t)
+	port := freePort(t)
+	src := caddyfileFor(port, statusSite(o.URL, ""))
+	loadCaddyfile(t, src)
+	t.Cleanup(func() { _ = caddy.Stop() })
+	base := fmt.Sprintf("http://127.0.0.1:%d", port)
+	waitUp(t, base)
+	c := connect(t, base+"/status", nil)
+	c.waitFor(t, "data: ", 5*time.Second)
+	start := time.Now()
+	loadCaddyfile(t, strings.Replace(src, "grace_period 2s", "grace_period 1m", 1))
+	c.waitEnded(t, 5*time.Second)
+	if !c.cleanEnd() {
+		t.Fatalf("the stream did not end cleanly: %v", c.err)
+	}
+	t.Logf("status stream ended %v after the reload began", time.Since(start))
+	// the new config serves the page, with the sparkline kept
+	rep := waitStatus(t, base+"/status", func(r statusReport) bool { return len(r.History) >= 2 })
+	if rep.Server == "" {
+		t.Fatal("no server name")
+	}
+}
+
+// The page's viewers are bounded: one more than the bound gets 503.
+func TestStatusViewersBounded(t *testing.T) {
+	leakCheck(t)
+	o := newOrigin(t)
+	base := startCaddy(t, statusSite(o.URL, ""))
+	for range maxStatusViewers {
+		connect(t, base+"/status", nil)
+	}
+	req, _ := http.NewRequest(http.MethodGet, base+"/status", nil)
+	req.Header.Set("Accept", "text/event-stream")
+	resp, err := sharedTransport.RoundTrip(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	line, _ := bufio.NewReader(resp.Body).ReadString('\n')
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusServiceUnavailable || resp.Header.Get("Retry-After") == "" {
+		t.Fatalf("viewer %d answered %d %q", maxStatusViewers+1, resp.StatusCode, line)
+	}
+	// the JSON report still answers
+	if _, resp := getStatus(t, base+"/status", nil); resp.StatusCode != 200 {
+		t.Fatalf("JSON answered %d with the viewers full", resp.StatusCode)
+	}
+}
