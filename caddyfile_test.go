@@ -5,6 +5,7 @@ import (
 	"flag"
 	"net/http"
 	"os"
+	"regexp"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -280,4 +281,36 @@ func TestValidate(t *testing.T) {
 			t.Errorf("%+v validated", h)
 		}
 	}
+}
+
+// Every Caddyfile in the README adapts: whole ones as they are, fragments
+// inside a site block. The syntax summary (with <placeholders>) is left
+// out.
+func TestReadmeCaddyfilesAdapt(t *testing.T) {
+	readme, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	blocks := regexp.MustCompile("(?s)```caddyfile\n(.*?)```").FindAllStringSubmatch(string(readme), -1)
+	if len(blocks) < 10 {
+		t.Fatalf("found %d Caddyfile blocks in the README", len(blocks))
+	}
+	adapt := func(src string) error {
+		_, _, err := caddyfile.Adapter{ServerType: httpcaddyfile.ServerType{}}.Adapt([]byte(src), map[string]any{"filename": "README"})
+		return err
+	}
+	checked := 0
+	for _, b := range blocks {
+		src := b[1]
+		if strings.Contains(src, "<upstream-base-url>") {
+			continue
+		}
+		checked++
+		if err := adapt(src); err != nil {
+			if err2 := adapt("example.com {\n" + src + "\n}\n"); err2 != nil {
+				t.Errorf("a README Caddyfile does not adapt, whole (%v) or in a site block (%v):\n%s", err, err2, src)
+			}
+		}
+	}
+	t.Logf("%d README Caddyfiles adapt", checked)
 }

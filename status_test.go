@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 )
 
 // statusSite is a site with fanned-out streams under /s/ and the status
@@ -277,5 +278,54 @@ func TestStatusViewersBounded(t *testing.T) {
 	// the JSON report still answers
 	if _, resp := getStatus(t, base+"/status", nil); resp.StatusCode != 200 {
 		t.Fatalf("JSON answered %d with the viewers full", resp.StatusCode)
+	}
+}
+
+// The directive's mistakes fail at load, naming the line.
+func TestStatusCaddyfile(t *testing.T) {
+	for _, tc := range []struct {
+		input, want string
+		remote      bool
+	}{
+		{"sse_fanout_status", "", false},
+		{"sse_fanout_status {\n allow_remote\n}", "", true},
+		{"sse_fanout_status /status", `unexpected argument "/status"`, false}, // a matcher is taken before the handler sees it
+		{"sse_fanout_status {\n allow_remote yes\n}", `allow_remote takes no value, got "yes", at Testfile:2`, false},
+		{"sse_fanout_status {\n allow_remote\n allow_remote\n}", "allow_remote: specified more than once, at Testfile:3", true},
+		{"sse_fanout_status {\n interval 5s\n}", `unrecognized option "interval"; sse_fanout_status takes allow_remote, at Testfile:2`, false},
+	} {
+		var p StatusPage
+		err := p.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.input))
+		switch {
+		case tc.want == "" && err != nil:
+			t.Errorf("%q: %v", tc.input, err)
+		case tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)):
+			t.Errorf("%q: error %v, want one containing %q", tc.input, err, tc.want)
+		case p.AllowRemote != tc.remote:
+			t.Errorf("%q: allow_remote %v", tc.input, p.AllowRemote)
+		}
+	}
+	// through the adapter, the matcher is the directive's
+	port := freePort(t)
+	err := tryLoadCaddyfile(caddyfileFor(port, "sse_fanout_status /status extra"))
+	if err == nil || !strings.Contains(err.Error(), `unexpected argument "extra"`) || !strings.Contains(err.Error(), "Caddyfile:9") {
+		t.Fatalf("load error %v, want the extra argument at Caddyfile:9", err)
+	}
+}
+
+// A report lists the streams with the most clients, up to a bound; the
+// totals count every stream.
+func TestStatusListsTheBusiestStreams(t *testing.T) {
+	leakCheck(t)
+	o := newOrigin(t)
+	base := startCaddy(t, statusSite(o.URL, ""))
+	const n = statusStreamsShown + 5
+	for i := range n {
+		connect(t, fmt.Sprintf("%s/s/q%03d", base, i), nil)
+	}
+	connect(t, base+"/s/q042", nil) // the busiest
+	rep := waitStatus(t, base+"/status", func(r statusReport) bool { return r.Streams == n && r.Clients == n+1 })
+	if len(rep.Shown) != statusStreamsShown || rep.Shown[0].Clients != 2 || rep.Shown[1].Clients != 1 {
+		t.Fatalf("%d streams shown, the first with %d clients", len(rep.Shown), rep.Shown[0].Clients)
 	}
 }
