@@ -2,11 +2,12 @@
 // every path it streams one shared sequence of events,
 //
 //	id: 42
-//	data: {"ts":1700000000123456789,"pad":"xxxx…"}
+//	data: {"ts":1700000000123456789,"seq":42,"pad":"xxxx…"}
 //
 // at -rate events per second, where ts is the Unix time in nanoseconds at
-// which the event was made (sseload measures delivery latency from it) and
-// pad fills the JSON to -size bytes. Every connection gets the events from
+// which the event was made (sseload measures delivery latency from it), seq
+// repeats the id (for servers that replace the ids with their own) and pad
+// fills the JSON to -size bytes. Every connection gets the events from
 // the one it joined at on, or after its Last-Event-ID while that is among
 // the last -backlog events. It comments ": keepalive" on a stream idle for
 // 15s.
@@ -17,14 +18,21 @@
 //
 //	go run ./cmd/sseload/origin -listen 127.0.0.1:9000 -rate 10 -size 200
 //
+// With -publish URL it also POSTs each event's data, in order, on one
+// keep-alive connection, to a publisher such as nchan's. With -count K it
+// makes K events and then only keeps its streams open; with -wait-signal
+// it makes none until it gets SIGUSR1 (a burst: -count K -wait-signal).
+//
 // It stops after -duration (at most 24h) or on SIGINT/SIGTERM.
 package main
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -38,12 +46,13 @@ import (
 )
 
 const (
-	maxRate     = 100000
-	maxSize     = 1 << 20
-	minSize     = len(`{"ts":1700000000000000000,"pad":""}`)
-	maxDuration = 24 * time.Hour
-	keepalive   = 15 * time.Second
-	maxBatch    = 256 << 10 // most bytes written to a connection at once
+	maxRate      = 100000
+	maxSize      = 1 << 20
+	minSize      = len(`{"ts":1700000000000000000,"seq":1000000,"pad":""}`)
+	maxDuration  = 24 * time.Hour
+	keepalive    = 15 * time.Second
+	maxBatch     = 256 << 10 // most bytes written to a connection at once
+	publishQueue = 1 << 16   // events waiting to be posted
 )
 
 func main() {
@@ -53,6 +62,9 @@ func main() {
 	backlog := flag.Int("backlog", 1000, "events kept for clients that resume with Last-Event-ID (1..1000000)")
 	duration := flag.Duration("duration", time.Hour, fmt.Sprintf("stop after this long (max %s)", maxDuration))
 	quiet := flag.Bool("quiet", false, "print the connection counts only when they change")
+	publish := flag.String("publish", "", "also POST each event's data to this http:// URL (e.g. an nchan publisher)")
+	count := flag.Uint64("count", 0, "make this many events, then stop making them (0: no limit)")
+	waitSignal := flag.Bool("wait-signal", false, "make no event before SIGUSR1")
 	flag.Parse()
 	switch {
 	case *rate <= 0 || *rate > maxRate:
@@ -63,6 +75,14 @@ func main() {
 		fatalf("-backlog must be between 1 and 1000000")
 	case *duration <= 0 || *duration > maxDuration:
 		fatalf("-duration must be positive and at most %s", maxDuration)
+	case *publish != "" && !strings.HasPrefix(*publish, "http://"):
+		fatalf("-publish must be an http:// URL")
+	}
+	start := make(chan os.Signal, 1)
+	if *waitSignal {
+		signal.Notify(start, syscall.SIGUSR1)
+	} else {
+		start <- syscall.SIGUSR1
 	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -70,7 +90,11 @@ func main() {
 	ctx, cancel := context.WithTimeout(ctx, *duration)
 	defer cancel()
 
-	o := &origin{feed: newFeed(*backlog), pad: *size - minSize, done: ctx.Done()}
+	o := &origin{feed: newFeed(*backlog), pad: *size - minSize, count: *count, done: ctx.Done()}
+	if *publish != "" {
+		o.published = make(chan []byte, publishQueue)
+		go o.publish(ctx, *publish)
+	}
 	ln, err := net.Listen("tcp", *listen)
 	if err != nil {
 		fatalf("%v", err)
@@ -80,7 +104,13 @@ func main() {
 		ReadHeaderTimeout: 10 * time.Second,
 		ConnState:         o.connState,
 	}
-	go o.generate(ctx, *rate)
+	go func() {
+		select {
+		case <-start:
+			o.generate(ctx, *rate)
+		case <-ctx.Done():
+		}
+	}()
 	go o.report(ctx, *quiet)
 	go func() {
 		<-ctx.Done()
@@ -105,9 +135,11 @@ func fatalf(format string, args ...any) {
 // origin serves the feed on every path and counts its streams and
 // connections.
 type origin struct {
-	feed *feed
-	pad  int
-	done <-chan struct{} // closed when the origin stops
+	feed      *feed
+	pad       int
+	count     uint64          // events to make; 0: no limit
+	published chan []byte     // data to POST to the publisher, if any
+	done      <-chan struct{} // closed when the origin stops
 
 	streams, peakStreams atomic.Int64
 	conns, peakConns     atomic.Int64
@@ -167,18 +199,73 @@ func (o *origin) generate(ctx context.Context, rate float64) {
 			return
 		case now := <-t.C:
 			due := uint64(now.Sub(start).Seconds()*rate) + 1
+			if o.count > 0 {
+				due = min(due, o.count)
+			}
 			for ; made < due; made++ {
-				id := made + 1
-				ts := time.Now().UnixNano()
-				wire := make([]byte, 0, o.pad+64)
-				wire = append(wire, "id: "...)
-				wire = strconv.AppendUint(wire, id, 10)
-				wire = append(wire, "\ndata: {\"ts\":"...)
-				wire = strconv.AppendInt(wire, ts, 10)
-				wire = append(wire, `,"pad":"`...)
-				wire = append(wire, pad...)
-				wire = append(wire, "\"}\n\n"...)
-				o.feed.publish(id, wire)
+				o.make(made+1, pad)
+			}
+			if o.count > 0 && made == o.count {
+				return
+			}
+		}
+	}
+}
+
+// make publishes the event with this id, made now.
+func (o *origin) make(id uint64, pad string) {
+	wire := make([]byte, 0, o.pad+80)
+	wire = append(wire, "id: "...)
+	wire = strconv.AppendUint(wire, id, 10)
+	wire = append(wire, "\ndata: "...)
+	data := len(wire)
+	wire = append(wire, `{"ts":`...)
+	wire = strconv.AppendInt(wire, time.Now().UnixNano(), 10)
+	wire = append(wire, `,"seq":`...)
+	wire = strconv.AppendUint(wire, id, 10)
+	wire = append(wire, `,"pad":"`...)
+	wire = append(wire, pad...)
+	wire = append(wire, `"}`...)
+	end := len(wire)
+	wire = append(wire, "\n\n"...)
+	o.feed.publish(id, wire)
+	if o.published != nil {
+		select {
+		case o.published <- wire[data:end]:
+		default:
+			fmt.Fprintln(os.Stderr, "origin: the publisher is too slow, an event was not posted")
+		}
+	}
+}
+
+// publish POSTs the events' data to url, one after the other, until ctx
+// ends.
+func (o *origin) publish(ctx context.Context, url string) {
+	client := &http.Client{Timeout: 10 * time.Second}
+	failures := 0
+	for {
+		var data []byte
+		select {
+		case <-ctx.Done():
+			return
+		case data = <-o.published:
+		}
+		req, err := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(data))
+		if err != nil {
+			fatalf("-publish: %v", err)
+		}
+		req.Header.Set("Content-Type", "application/json")
+		resp, err := client.Do(req)
+		if err == nil {
+			_, _ = io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode >= 300 {
+				err = fmt.Errorf("status %s", resp.Status)
+			}
+		}
+		if err != nil && ctx.Err() == nil {
+			if failures++; failures <= 5 {
+				fmt.Fprintf(os.Stderr, "origin: posting an event to %s: %v\n", url, err)
 			}
 		}
 	}

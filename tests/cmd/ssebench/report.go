@@ -1,0 +1,254 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"math"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"time"
+)
+
+// Machine describes where the runs were made.
+type Machine struct {
+	Date   time.Time `json:"date"`
+	CPU    string    `json:"cpu"`
+	Cores  int       `json:"cores"`
+	Kernel string    `json:"kernel"`
+	Go     string    `json:"go"`
+	Commit string    `json:"commit"` // of the repository measured
+	Caddy  string    `json:"caddy"`
+	Nginx  string    `json:"nginx,omitempty"`
+}
+
+func describeMachine(repo, caddy, nginx string) Machine {
+	m := Machine{Date: time.Now().UTC(), Cores: runtime.NumCPU(), Go: runtime.Version()}
+	for line := range strings.Lines(output("lscpu")) {
+		if v, ok := strings.CutPrefix(line, "Model name:"); ok {
+			m.CPU = strings.TrimSpace(v)
+		}
+	}
+	m.Kernel = strings.TrimSpace(output("uname", "-r"))
+	m.Commit = strings.TrimSpace(output("git", "-C", repo, "rev-parse", "--short", "HEAD"))
+	if strings.TrimSpace(output("git", "-C", repo, "status", "--porcelain")) != "" {
+		m.Commit += " (with uncommitted changes)"
+	}
+	m.Caddy = strings.TrimSpace(output(caddy, "version"))
+	if nginx != "" {
+		m.Nginx = strings.TrimSpace(output(nginx, "-v"))
+	}
+	return m
+}
+
+// output runs a command and returns what it printed, "" if it failed.
+func output(name string, args ...string) string {
+	out, err := exec.Command(name, args...).CombinedOutput()
+	if err != nil {
+		return ""
+	}
+	return string(out)
+}
+
+// Results is the JSON file of an invocation.
+type Results struct {
+	Machine   Machine      `json:"machine"`
+	Args      []string     `json:"args"`
+	Summaries []*Summary   `json:"summaries"`
+	Runs      []*RunResult `json:"runs"`
+}
+
+// save writes results.json (after every run, so that an interrupted
+// invocation keeps what it measured).
+func (b *bench) save() error {
+	res := Results{Machine: b.machine, Args: os.Args[1:], Summaries: summarize(b.runs), Runs: b.runs}
+	data, err := json.MarshalIndent(res, "", "  ")
+	if err != nil {
+		return err
+	}
+	file := filepath.Join(b.cfg.out, "results.json")
+	if err := os.WriteFile(file+".tmp", data, 0o644); err != nil {
+		return err
+	}
+	return os.Rename(file+".tmp", file)
+}
+
+// report prints the tables to w and writes them to results.md.
+func (b *bench) report(w io.Writer) error {
+	var buf bytes.Buffer
+	writeReport(&buf, b.machine, b.cfg, summarize(b.runs), b.runs)
+	if _, err := w.Write(buf.Bytes()); err != nil {
+		return err
+	}
+	return os.WriteFile(filepath.Join(b.cfg.out, "results.md"), buf.Bytes(), 0o644)
+}
+
+// line is one run in a line, for the progress output.
+func (r *RunResult) line() string {
+	s := fmt.Sprintf("%s rep %d: ", r.Cell, r.Rep)
+	if r.Load == nil {
+		return s + r.Status + ": " + r.Reason
+	}
+	s += fmt.Sprintf("%.2f µs/delivery, p50 %.1f ms, p99 %.1f ms, loss %s, RSS %.1f KiB/client, gen core %.0f%% (load %.0f%%, origin %.0f%%), %.0f events/s",
+		r.CPUPerDeliveryUs, r.Load.LatencyP50ms, r.Load.LatencyP99ms, percent(r.Load.Loss), r.RSSPerClientKiB,
+		r.GenCorePercent, r.LoadCPUPercent, r.OriginCPUPercent, r.Load.EventsPerSecond)
+	if r.Status != statusOK {
+		s += " — " + strings.ToUpper(r.Status) + ": " + r.Reason
+	}
+	return s
+}
+
+// Descriptions of the workloads, for the report.
+func workloadTitle(w string, cfg *config) string {
+	switch w {
+	case workSteady:
+		return fmt.Sprintf("Steady fan-out: %g events/s of %d B on one stream, %s window", cfg.rate, cfg.size, cfg.window)
+	case workBig:
+		return fmt.Sprintf("Many clients: one stream, %s window (peers with one descriptor per client)", cfg.window)
+	case workBurst:
+		return fmt.Sprintf("Bursts: %d clients, %d events of %d B at each rate; window until every client has the last (at most %s more)",
+			cfg.burstClients, cfg.burstEvents, cfg.size, burstDrain)
+	case workTLS:
+		return fmt.Sprintf("TLS (tls internal): %g events/s of %d B, one connection per client, %s window", cfg.rate, cfg.size, cfg.window)
+	}
+	return w
+}
+
+// caseOf names a cell's case within its workload.
+func caseOf(c Cell) string {
+	switch c.Workload {
+	case workBig:
+		return fmt.Sprintf("%d @ %g/s", c.Clients, c.Rate)
+	case workBurst:
+		return fmt.Sprintf("%g/s", c.Rate)
+	case workTLS:
+		return fmt.Sprintf("%d %s", c.Clients, c.Proto)
+	}
+	return fmt.Sprint(c.Clients)
+}
+
+// ratioPeers are the denominators of the ratio tables.
+var ratioPeers = []string{peerNchan, peerFloor, peerReverseProxy}
+
+// writeReport writes the tables in Markdown.
+func writeReport(w io.Writer, m Machine, cfg *config, sums []*Summary, runs []*RunResult) {
+	fmt.Fprintf(w, "# ssebench, %s\n\n", m.Date.Format("2006-01-02 15:04 MST"))
+	fmt.Fprintf(w, "%s, %d cores, Linux %s, %s; commit %s; %s; %s\n\n", m.CPU, m.Cores, m.Kernel, m.Go, m.Commit, firstLine(m.Caddy), m.Nginx)
+	fmt.Fprintf(w, "Peer on core 0, load tool and origin on core 1. CPU per delivery: the peer's CPU time (all its processes) in the window ÷ events delivered in it. "+
+		"RSS per client: (RSS with every client connected − idle RSS) ÷ clients. Medians over the runs that count; a run whose generator core "+
+		"(core 1) is busier than %.0f%% does not count.\n", cfg.genLimit)
+	for _, work := range cfg.workloads {
+		var ws []*Summary
+		for _, s := range sums {
+			if s.Workload == work {
+				ws = append(ws, s)
+			}
+		}
+		if len(ws) == 0 {
+			continue
+		}
+		fmt.Fprintf(w, "\n## %s\n\n", workloadTitle(work, cfg))
+		writeSummaryTable(w, ws)
+		writeRatioTable(w, ws)
+	}
+	writeExcluded(w, runs)
+}
+
+func writeSummaryTable(w io.Writer, ws []*Summary) {
+	fmt.Fprintln(w, "| case | peer | runs | CPU µs/delivery | p50 ms | p99 ms | max ms | loss | RSS KiB/client | gen core % | events/s |")
+	fmt.Fprintln(w, "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+	for _, s := range ws {
+		if s.Counted == 0 {
+			fmt.Fprintf(w, "| %s | %s | %d/%d %s | | | | | | | | |\n", caseOf(s.Cell), s.Peer, s.Counted, s.Runs, s.Status)
+			continue
+		}
+		fmt.Fprintf(w, "| %s | %s | %d/%d | %.2f | %.1f | %.1f | %.1f | %s | %.1f | %.0f | %.0f |\n",
+			caseOf(s.Cell), s.Peer, s.Counted, s.Runs, s.CPUPerDeliveryUs, s.P50ms, s.P99ms, s.Maxms,
+			percent(s.Loss), s.RSSPerClientKiB, s.GenCorePercent, s.EventsPerSecond)
+	}
+}
+
+// writeRatioTable writes sse_fanout's figures over each other peer's, per
+// case.
+func writeRatioTable(w io.Writer, ws []*Summary) {
+	type key struct {
+		c    string
+		peer string
+	}
+	by := map[key]*Summary{}
+	var cases []string
+	for _, s := range ws {
+		c := caseOf(s.Cell)
+		if s.Peer == peerFanout {
+			cases = append(cases, c)
+		}
+		if s.Counted > 0 {
+			by[key{c, s.Peer}] = s
+		}
+	}
+	fmt.Fprintf(w, "\n| case | metric | %s |\n", strings.Join(prefixed("sse_fanout / ", ratioPeers), " | "))
+	fmt.Fprintf(w, "| --- | --- |%s\n", strings.Repeat(" ---: |", len(ratioPeers)))
+	metrics := []struct {
+		name string
+		f    func(*Summary) float64
+	}{
+		{"CPU/delivery", func(s *Summary) float64 { return s.CPUPerDeliveryUs }},
+		{"p99", func(s *Summary) float64 { return s.P99ms }},
+		{"RSS/client", func(s *Summary) float64 { return s.RSSPerClientKiB }},
+	}
+	for _, c := range cases {
+		f := by[key{c, peerFanout}]
+		for _, m := range metrics {
+			cells := make([]string, len(ratioPeers))
+			for i, p := range ratioPeers {
+				cells[i] = "–"
+				if o := by[key{c, p}]; f != nil && o != nil {
+					if x := ratio(m.f(f), m.f(o)); !math.IsNaN(x) {
+						cells[i] = fmt.Sprintf("%.2f", x)
+					}
+				}
+			}
+			fmt.Fprintf(w, "| %s | %s | %s |\n", c, m.name, strings.Join(cells, " | "))
+		}
+	}
+}
+
+// writeExcluded lists the runs that were made but do not count.
+func writeExcluded(w io.Writer, runs []*RunResult) {
+	first := true
+	for _, r := range runs {
+		if r.Status == statusOK || r.Status == statusCannot || r.Status == statusUnavailable {
+			continue
+		}
+		if first {
+			fmt.Fprintf(w, "\n## Runs that do not count\n\n")
+			first = false
+		}
+		fmt.Fprintf(w, "- %s rep %d: %s: %s\n", r.Cell, r.Rep, r.Status, r.Reason)
+	}
+}
+
+func prefixed(p string, xs []string) []string {
+	out := make([]string, len(xs))
+	for i, x := range xs {
+		out[i] = p + x
+	}
+	return out
+}
+
+func firstLine(s string) string {
+	line, _, _ := strings.Cut(s, "\n")
+	return line
+}
+
+// percent formats a fraction as a percentage, "0" for none.
+func percent(f float64) string {
+	if f == 0 {
+		return "0"
+	}
+	return fmt.Sprintf("%.3g%%", 100*f)
+}

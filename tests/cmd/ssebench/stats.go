@@ -1,0 +1,127 @@
+package main
+
+import (
+	"fmt"
+	"math"
+	"slices"
+)
+
+// median of xs (NaN when empty); xs is not changed.
+func median(xs []float64) float64 {
+	if len(xs) == 0 {
+		return math.NaN()
+	}
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	m := len(s) / 2
+	if len(s)%2 == 1 {
+		return s[m]
+	}
+	return (s[m-1] + s[m]) / 2
+}
+
+// Run statuses. Only statusOK runs count towards the medians.
+const (
+	statusOK             = "ok"
+	statusGeneratorBound = "generator-bound"
+	statusIncomplete     = "incomplete"
+	statusFailed         = "failed"
+	statusCannot         = "cannot"
+	statusUnavailable    = "unavailable"
+)
+
+// judge sets a measured run's status: a run whose generator core was busier
+// than limit percent measured the generator rather than the peer, and a
+// run where not every client connected measured a smaller load.
+func judge(r *RunResult, limit float64) {
+	switch {
+	case r.Load == nil:
+		r.Status = statusFailed
+	case r.Load.Connected < int64(r.Clients):
+		r.Status = statusIncomplete
+		r.Reason = fmt.Sprintf("%d of %d clients connected", r.Load.Connected, r.Clients)
+	case r.GenCorePercent > limit:
+		r.Status = statusGeneratorBound
+		r.Reason = fmt.Sprintf("generator core %.0f%% busy (load tool %.0f%%, origin %.0f%%) > %.0f%%: does not count",
+			r.GenCorePercent, r.LoadCPUPercent, r.OriginCPUPercent, limit)
+	default:
+		r.Status = statusOK
+	}
+}
+
+// Summary is the medians of one cell (workload, peer, clients, rate,
+// protocol) over the runs that count.
+type Summary struct {
+	Cell
+	Runs             int     `json:"runs"`
+	Counted          int     `json:"counted"`
+	Status           string  `json:"status,omitempty"` // a reason when no run counted
+	CPUPerDeliveryUs float64 `json:"cpu_us_per_delivery"`
+	P50ms            float64 `json:"p50_ms"`
+	P99ms            float64 `json:"p99_ms"`
+	Maxms            float64 `json:"max_ms"`
+	Loss             float64 `json:"loss"`
+	RSSPerClientKiB  float64 `json:"rss_kib_per_client"`
+	GenCorePercent   float64 `json:"gen_core_percent"`
+	EventsPerSecond  float64 `json:"events_per_second"`
+	WindowSeconds    float64 `json:"window_seconds"`
+}
+
+// summarize makes the summary of each cell of runs, in the order the cells
+// first appear.
+func summarize(runs []*RunResult) []*Summary {
+	var out []*Summary
+	byCell := map[Cell]*Summary{}
+	counted := map[Cell][]*RunResult{}
+	for _, r := range runs {
+		s := byCell[r.Cell]
+		if s == nil {
+			s = &Summary{Cell: r.Cell}
+			byCell[r.Cell] = s
+			out = append(out, s)
+		}
+		s.Runs++
+		if r.Status == statusOK {
+			counted[r.Cell] = append(counted[r.Cell], r)
+		} else if s.Status == "" || r.Status == statusCannot || r.Status == statusUnavailable {
+			s.Status = r.Status
+			if r.Reason != "" {
+				s.Status += ": " + r.Reason
+			}
+		}
+	}
+	for _, s := range out {
+		rs := counted[s.Cell]
+		s.Counted = len(rs)
+		if len(rs) == 0 {
+			continue
+		}
+		s.Status = ""
+		s.CPUPerDeliveryUs = medianOf(rs, func(r *RunResult) float64 { return r.CPUPerDeliveryUs })
+		s.P50ms = medianOf(rs, func(r *RunResult) float64 { return r.Load.LatencyP50ms })
+		s.P99ms = medianOf(rs, func(r *RunResult) float64 { return r.Load.LatencyP99ms })
+		s.Maxms = medianOf(rs, func(r *RunResult) float64 { return r.Load.LatencyMaxms })
+		s.Loss = medianOf(rs, func(r *RunResult) float64 { return r.Load.Loss })
+		s.RSSPerClientKiB = medianOf(rs, func(r *RunResult) float64 { return r.RSSPerClientKiB })
+		s.GenCorePercent = medianOf(rs, func(r *RunResult) float64 { return r.GenCorePercent })
+		s.EventsPerSecond = medianOf(rs, func(r *RunResult) float64 { return r.Load.EventsPerSecond })
+		s.WindowSeconds = medianOf(rs, func(r *RunResult) float64 { return r.Load.WindowSeconds })
+	}
+	return out
+}
+
+func medianOf(rs []*RunResult, f func(*RunResult) float64) float64 {
+	xs := make([]float64, len(rs))
+	for i, r := range rs {
+		xs[i] = f(r)
+	}
+	return median(xs)
+}
+
+// ratio is a/b, NaN when either is missing or b is zero.
+func ratio(a, b float64) float64 {
+	if math.IsNaN(a) || math.IsNaN(b) || b == 0 {
+		return math.NaN()
+	}
+	return a / b
+}
