@@ -7,6 +7,7 @@
 //
 //	cd tests && go run ./cmd/ssebench -out /tmp/ssebench           # the full comparison
 //	cd tests && go run ./cmd/ssebench -quick -out /tmp/ssebench    # a few minutes
+//	cd tests && go run ./cmd/ssebench -report /tmp/ssebench/results.json
 package main
 
 import (
@@ -55,6 +56,7 @@ type config struct {
 	nchanModule string
 	maxFiles    int
 	dryRun      bool
+	report      string // a results.json to print the tables of
 }
 
 func main() {
@@ -159,6 +161,7 @@ func parseFlags(args []string) (*config, error) {
 	fs.StringVar(&cfg.nginx, "nginx", cfg.nginx, "nginx binary, for the nchan and nginx_proxy peers")
 	fs.StringVar(&cfg.nchanModule, "nchan-module", cfg.nchanModule, "nchan's dynamic module")
 	fs.BoolVar(&cfg.dryRun, "dry-run", false, "print the plan and its estimated time, run nothing")
+	fs.StringVar(&cfg.report, "report", "", "print the tables of this results.json again, run nothing")
 	quick := fs.Bool("quick", false, "a short check of everything: 1000 clients, one repetition, 5s windows, no big workload, two burst rates (explicit flags still apply)")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
@@ -236,6 +239,9 @@ type bench struct {
 func (b *bench) bin(name string) string { return filepath.Join(b.binDir, name) }
 
 func run(ctx context.Context, cfg *config) error {
+	if cfg.report != "" {
+		return rereport(os.Stdout, cfg.report)
+	}
 	var err error
 	if cfg.maxFiles, err = raiseFileLimit(); err != nil {
 		return err

@@ -53,9 +53,13 @@ func judge(r *RunResult, limit float64) {
 // protocol) over the runs that count.
 type Summary struct {
 	Cell
-	Runs             int     `json:"runs"`
-	Counted          int     `json:"counted"`
-	Status           string  `json:"status,omitempty"` // a reason when no run counted
+	Runs    int    `json:"runs"`
+	Counted int    `json:"counted"`
+	Status  string `json:"status,omitempty"` // a reason when no run counted
+	// GeneratorBound: no run counted, and the figures are the medians of
+	// the generator-bound runs: upper bounds of latency and loss, shown
+	// for information.
+	GeneratorBound   bool    `json:"generator_bound,omitempty"`
 	CPUPerDeliveryUs float64 `json:"cpu_us_per_delivery"`
 	P50ms            float64 `json:"p50_ms"`
 	P99ms            float64 `json:"p99_ms"`
@@ -73,6 +77,7 @@ func summarize(runs []*RunResult) []*Summary {
 	var out []*Summary
 	byCell := map[Cell]*Summary{}
 	counted := map[Cell][]*RunResult{}
+	bound := map[Cell][]*RunResult{}
 	for _, r := range runs {
 		s := byCell[r.Cell]
 		if s == nil {
@@ -81,6 +86,9 @@ func summarize(runs []*RunResult) []*Summary {
 			out = append(out, s)
 		}
 		s.Runs++
+		if r.Status == statusGeneratorBound {
+			bound[r.Cell] = append(bound[r.Cell], r)
+		}
 		if r.Status == statusOK {
 			counted[r.Cell] = append(counted[r.Cell], r)
 		} else if s.Status == "" || r.Status == statusCannot || r.Status == statusUnavailable {
@@ -93,21 +101,32 @@ func summarize(runs []*RunResult) []*Summary {
 	for _, s := range out {
 		rs := counted[s.Cell]
 		s.Counted = len(rs)
-		if len(rs) == 0 {
+		switch {
+		case len(rs) > 0:
+			s.Status = ""
+		case len(bound[s.Cell]) > 0:
+			rs = bound[s.Cell]
+			s.GeneratorBound = true
+			s.Status = statusGeneratorBound
+		default:
 			continue
 		}
-		s.Status = ""
-		s.CPUPerDeliveryUs = medianOf(rs, func(r *RunResult) float64 { return r.CPUPerDeliveryUs })
-		s.P50ms = medianOf(rs, func(r *RunResult) float64 { return r.Load.LatencyP50ms })
-		s.P99ms = medianOf(rs, func(r *RunResult) float64 { return r.Load.LatencyP99ms })
-		s.Maxms = medianOf(rs, func(r *RunResult) float64 { return r.Load.LatencyMaxms })
-		s.Loss = medianOf(rs, func(r *RunResult) float64 { return r.Load.Loss })
-		s.RSSPerClientKiB = medianOf(rs, func(r *RunResult) float64 { return r.RSSPerClientKiB })
-		s.GenCorePercent = medianOf(rs, func(r *RunResult) float64 { return r.GenCorePercent })
-		s.EventsPerSecond = medianOf(rs, func(r *RunResult) float64 { return r.Load.EventsPerSecond })
-		s.WindowSeconds = medianOf(rs, func(r *RunResult) float64 { return r.Load.WindowSeconds })
+		s.setMedians(rs)
 	}
 	return out
+}
+
+// setMedians sets the figures of s to the medians of rs.
+func (s *Summary) setMedians(rs []*RunResult) {
+	s.CPUPerDeliveryUs = medianOf(rs, func(r *RunResult) float64 { return r.CPUPerDeliveryUs })
+	s.P50ms = medianOf(rs, func(r *RunResult) float64 { return r.Load.LatencyP50ms })
+	s.P99ms = medianOf(rs, func(r *RunResult) float64 { return r.Load.LatencyP99ms })
+	s.Maxms = medianOf(rs, func(r *RunResult) float64 { return r.Load.LatencyMaxms })
+	s.Loss = medianOf(rs, func(r *RunResult) float64 { return r.Load.Loss })
+	s.RSSPerClientKiB = medianOf(rs, func(r *RunResult) float64 { return r.RSSPerClientKiB })
+	s.GenCorePercent = medianOf(rs, func(r *RunResult) float64 { return r.GenCorePercent })
+	s.EventsPerSecond = medianOf(rs, func(r *RunResult) float64 { return r.Load.EventsPerSecond })
+	s.WindowSeconds = medianOf(rs, func(r *RunResult) float64 { return r.Load.WindowSeconds })
 }
 
 func medianOf(rs []*RunResult, f func(*RunResult) float64) float64 {

@@ -14,6 +14,10 @@ import (
 	"unsafe"
 )
 
+// fewReady is a wake-up's count of ready streams under which the poller
+// lets more become ready before it asks again.
+const fewReady = 64
+
 // poller reads many plain HTTP/1.1 streams from one goroutine with
 // level-triggered epoll: one read(2) per ready socket per wake-up, into one
 // shared buffer.
@@ -100,6 +104,9 @@ func (pl *poller) run(ctx context.Context) {
 			if c := pl.byFD[events[i].Fd].Load(); c != nil {
 				pl.read(ctx, c)
 			}
+		}
+		if n < fewReady && pl.l.opts.coalesce > 0 {
+			time.Sleep(pl.l.opts.coalesce)
 		}
 	}
 }
