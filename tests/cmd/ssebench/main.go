@@ -15,6 +15,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -56,8 +57,12 @@ type config struct {
 	nchanModule string
 	maxFiles    int
 	dryRun      bool
-	report      string // a results.json to print the tables of
+	report      string   // a results.json to print the tables of
+	args        []string // the command line, kept with the results
 }
+
+// flagOutput receives the usage and flag errors.
+var flagOutput io.Writer = os.Stderr
 
 func main() {
 	cfg, err := parseFlags(os.Args[1:])
@@ -137,7 +142,9 @@ func parseFlags(args []string) (*config, error) {
 		nginx:        "nginx",
 		nchanModule:  "/usr/lib/nginx/modules/ngx_nchan_module.so",
 	}
+	cfg.args = args
 	fs := flag.NewFlagSet("ssebench", flag.ContinueOnError)
+	fs.SetOutput(flagOutput)
 	fs.StringVar(&cfg.out, "out", cfg.out, "directory for results.json, results.md and each run's logs and configurations")
 	fs.Var(words(&cfg.peers), "peers", "peers to measure: "+strings.Join(allPeers, ","))
 	fs.Var(words(&cfg.workloads), "workloads", "workloads to run: "+strings.Join(allWorkloads, ","))

@@ -65,7 +65,7 @@ type Results struct {
 // save writes results.json (after every run, so that an interrupted
 // invocation keeps what it measured).
 func (b *bench) save() error {
-	res := Results{Machine: b.machine, Args: os.Args[1:], Summaries: summarize(b.runs), Runs: b.runs}
+	res := Results{Machine: b.machine, Args: b.cfg.args, Summaries: summarize(b.runs), Runs: b.runs}
 	data, err := json.MarshalIndent(res, "", "  ")
 	if err != nil {
 		return err

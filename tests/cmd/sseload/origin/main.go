@@ -7,7 +7,7 @@
 // at -rate events per second, where ts is the Unix time in nanoseconds at
 // which the event was made (sseload measures delivery latency from it), seq
 // repeats the id (for servers that replace the ids with their own) and pad
-// fills the JSON to -size bytes. Every connection gets the events from
+// fills the JSON to -size bytes (while seq has at most 7 digits). Every connection gets the events from
 // the one it joined at on, or after its Last-Event-ID while that is among
 // the last -backlog events. It comments ": keepalive" on a stream idle for
 // 15s.
@@ -90,7 +90,7 @@ func main() {
 	ctx, cancel := context.WithTimeout(ctx, *duration)
 	defer cancel()
 
-	o := &origin{feed: newFeed(*backlog), pad: *size - minSize, count: *count, done: ctx.Done()}
+	o := &origin{feed: newFeed(*backlog), size: *size, count: *count, done: ctx.Done()}
 	if *publish != "" {
 		o.published = make(chan []byte, publishQueue)
 		go o.publish(ctx, *publish)
@@ -136,7 +136,7 @@ func fatalf(format string, args ...any) {
 // connections.
 type origin struct {
 	feed      *feed
-	pad       int
+	size      int             // of an event's data
 	count     uint64          // events to make; 0: no limit
 	published chan []byte     // data to POST to the publisher, if any
 	done      <-chan struct{} // closed when the origin stops
@@ -191,7 +191,7 @@ func (o *origin) generate(ctx context.Context, rate float64) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	start := time.Now()
-	pad := strings.Repeat("x", o.pad)
+	pad := strings.Repeat("x", o.size)
 	var made uint64
 	for {
 		select {
@@ -212,9 +212,10 @@ func (o *origin) generate(ctx context.Context, rate float64) {
 	}
 }
 
-// make publishes the event with this id, made now.
+// make publishes the event with this id, made now; its data is o.size
+// bytes, padded from pad.
 func (o *origin) make(id uint64, pad string) {
-	wire := make([]byte, 0, o.pad+80)
+	wire := make([]byte, 0, o.size+32)
 	wire = append(wire, "id: "...)
 	wire = strconv.AppendUint(wire, id, 10)
 	wire = append(wire, "\ndata: "...)
@@ -224,7 +225,7 @@ func (o *origin) make(id uint64, pad string) {
 	wire = append(wire, `,"seq":`...)
 	wire = strconv.AppendUint(wire, id, 10)
 	wire = append(wire, `,"pad":"`...)
-	wire = append(wire, pad...)
+	wire = append(wire, pad[:max(0, o.size-(len(wire)-data)-len(`"}`))]...)
 	wire = append(wire, `"}`...)
 	end := len(wire)
 	wire = append(wire, "\n\n"...)
