@@ -15,7 +15,8 @@
 // Events that arrive while the loop is busy are written together, one
 // write per client for the lot. A client whose socket is full keeps what
 // was not written (up to 4 MiB, then it is dropped) and gets it with the
-// next event; a client whose write fails is dropped.
+// next event; a client whose write fails is dropped. The sockets and the
+// writes are internal/rawsse's, as in the benchmark origin.
 //
 // It stops on SIGINT/SIGTERM, after -duration, or when the upstream stream
 // ends.
@@ -25,17 +26,16 @@ import (
 	"bufio"
 	"bytes"
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"net"
 	"net/http"
 	"os"
 	"os/signal"
-	"strconv"
-	"sync"
 	"syscall"
 	"time"
+
+	"github.com/sse-fanout/caddy-sse-fanout/tests/internal/rawsse"
 )
 
 const (
@@ -68,12 +68,12 @@ func main() {
 		fatalf("%v", err)
 	}
 	f := &floor{events: make(chan []byte, queueLen)}
-	go f.accept(ln)
+	go f.clients.Serve(ln)
 	go f.read(ctx, *upstream)
 	fmt.Printf("ssefloor: listening on %s\n", ln.Addr())
 	f.write(ctx)
 	ln.Close()
-	fmt.Printf("ssefloor: stopped; %d clients at the end, %d dropped\n", len(f.clients), f.dropped)
+	fmt.Printf("ssefloor: stopped; %d clients at the most, %d dropped\n", f.clients.Peak(), f.clients.Dropped())
 }
 
 func fatalf(format string, args ...any) {
@@ -83,86 +83,8 @@ func fatalf(format string, args ...any) {
 
 // floor hands the events to the clients.
 type floor struct {
-	events chan []byte // chunks framed by read; closed when upstream ends
-
-	mu     sync.Mutex
-	joined []*client // accepted since the writer last looked
-
-	clients []*client // the writer's own
-	dropped int
-}
-
-// client is one client socket, a bare non-blocking descriptor.
-type client struct {
-	fd      int
-	pending []byte // not yet written
-}
-
-// accept takes each connection, answers its request with the response
-// head and hands its descriptor to the writer.
-func (f *floor) accept(ln net.Listener) {
-	for {
-		conn, err := ln.Accept()
-		if err != nil {
-			return
-		}
-		go func() {
-			c, err := start(conn)
-			if err != nil {
-				fmt.Fprintln(os.Stderr, "ssefloor: a client:", err)
-				return
-			}
-			f.mu.Lock()
-			f.joined = append(f.joined, c)
-			f.mu.Unlock()
-		}()
-	}
-}
-
-// start reads the request head, writes the response head and takes the
-// socket out of Go's network poller (a duplicate descriptor; the net.Conn
-// is closed).
-func start(conn net.Conn) (*client, error) {
-	defer conn.Close()
-	_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
-	br := bufio.NewReaderSize(conn, 4096)
-	for n := 0; ; {
-		line, err := br.ReadSlice('\n')
-		if err != nil {
-			return nil, fmt.Errorf("reading the request: %w", err)
-		}
-		if n += len(line); n > maxHead {
-			return nil, errors.New("request head too long")
-		}
-		if len(bytes.TrimSpace(line)) == 0 {
-			break
-		}
-	}
-	if _, err := conn.Write([]byte(responseHead)); err != nil {
-		return nil, err
-	}
-	_ = conn.SetDeadline(time.Time{})
-	fd, err := dupFD(conn)
-	if err != nil {
-		return nil, err
-	}
-	return &client{fd: fd}, nil
-}
-
-func dupFD(conn net.Conn) (int, error) {
-	raw, err := conn.(syscall.Conn).SyscallConn()
-	if err != nil {
-		return -1, err
-	}
-	fd, derr := -1, error(nil)
-	if err := raw.Control(func(f uintptr) { fd, derr = syscall.Dup(int(f)) }); err != nil {
-		return -1, err
-	}
-	if derr != nil {
-		return -1, fmt.Errorf("dup: %w", derr)
-	}
-	syscall.CloseOnExec(fd)
-	return fd, syscall.SetNonblock(fd, true)
+	events  chan []byte // chunks framed by read; closed when upstream ends
+	clients rawsse.Clients
 }
 
 // read follows the upstream stream and queues each event, framed as one
@@ -197,24 +119,16 @@ func (f *floor) read(ctx context.Context, url string) {
 			continue
 		}
 		if len(event) > len(line) { // not a stray blank line
-			f.events <- frame(event)
+			f.events <- rawsse.Frame(nil, event)
 		}
 		event = event[:0]
 	}
 }
 
-// frame makes one HTTP/1.1 chunk of an event.
-func frame(event []byte) []byte {
-	chunk := strconv.AppendInt(make([]byte, 0, len(event)+16), int64(len(event)), 16)
-	chunk = append(chunk, "\r\n"...)
-	chunk = append(chunk, event...)
-	return append(chunk, "\r\n"...)
-}
-
 // write sends each event to every client until ctx ends or the upstream
 // stream does.
 func (f *floor) write(ctx context.Context) {
-	defer f.closeAll()
+	defer f.clients.Close()
 	var batch []byte
 	for {
 		select {
@@ -235,59 +149,7 @@ func (f *floor) write(ctx context.Context) {
 				more = false
 			}
 		}
-		f.takeJoined()
-		f.writeAll(batch)
-	}
-}
-
-func (f *floor) takeJoined() {
-	f.mu.Lock()
-	f.clients = append(f.clients, f.joined...)
-	f.joined = f.joined[:0]
-	f.mu.Unlock()
-}
-
-// writeAll makes one write per client: the batch, after what it still
-// had pending.
-func (f *floor) writeAll(batch []byte) {
-	live := f.clients[:0]
-	for _, c := range f.clients {
-		p := batch
-		if len(c.pending) > 0 {
-			c.pending = append(c.pending, batch...)
-			p = c.pending
-		}
-		n, err := syscall.Write(c.fd, p)
-		switch {
-		case errors.Is(err, syscall.EAGAIN):
-			n = 0
-		case err != nil:
-			f.drop(c)
-			continue
-		}
-		if rest := p[n:]; len(rest) > 0 {
-			if len(rest) > maxPending {
-				f.drop(c)
-				continue
-			}
-			c.pending = append(c.pending[:0], rest...)
-		} else {
-			c.pending = c.pending[:0]
-		}
-		live = append(live, c)
-	}
-	clear(f.clients[len(live):])
-	f.clients = live
-}
-
-func (f *floor) drop(c *client) {
-	syscall.Close(c.fd)
-	f.dropped++
-}
-
-func (f *floor) closeAll() {
-	f.takeJoined()
-	for _, c := range f.clients {
-		syscall.Close(c.fd)
+		f.clients.Join(nil)
+		f.clients.Write(batch)
 	}
 }

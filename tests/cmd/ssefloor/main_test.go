@@ -7,7 +7,6 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
-	"strings"
 	"testing"
 	"time"
 )
@@ -41,7 +40,7 @@ func TestClientsGetEveryEventAsAChunkedStream(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	f := &floor{events: make(chan []byte, queueLen)}
-	go f.accept(ln)
+	go f.clients.Serve(ln)
 	go f.read(ctx, up.URL)
 	done := make(chan struct{})
 	go func() {
@@ -62,10 +61,7 @@ func TestClientsGetEveryEventAsAChunkedStream(t *testing.T) {
 		bodies = append(bodies, bufio.NewReader(resp.Body))
 	}
 	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-		f.mu.Lock()
-		n := len(f.joined)
-		f.mu.Unlock()
-		if n == clients || time.Now().After(deadline) {
+		if f.clients.Open() == clients || time.Now().After(deadline) {
 			break
 		}
 	}
@@ -86,18 +82,7 @@ func TestClientsGetEveryEventAsAChunkedStream(t *testing.T) {
 	}
 	cancel()
 	<-done
-	if f.dropped != 0 {
-		t.Errorf("%d clients dropped", f.dropped)
-	}
-}
-
-func TestFrame(t *testing.T) {
-	for _, n := range []int{1, 15, 16, 255, 4096} {
-		ev := strings.Repeat("x", n)
-		chunk := string(frame([]byte(ev)))
-		size, rest, ok := strings.Cut(chunk, "\r\n")
-		if !ok || size != fmt.Sprintf("%x", n) || rest != ev+"\r\n" {
-			t.Errorf("frame of %d bytes: %q", n, chunk)
-		}
+	if f.clients.Dropped() != 0 {
+		t.Errorf("%d clients dropped", f.clients.Dropped())
 	}
 }

@@ -12,9 +12,12 @@
 // the last -backlog events. It comments ": keepalive" on a stream idle for
 // 15s.
 //
-// Every second it prints how many event streams and TCP connections it has
-// open (and the peaks): with a proxy in front, this is the origin load the
-// proxy causes.
+// Every second it prints how many event streams it has open (and the
+// peak): with a proxy in front, this is the origin load the proxy causes.
+// The streams are written as the write floor writes its clients (package
+// internal/rawsse: one write per stream per batch of events, from one
+// goroutine), so that the origin costs little beside the proxy it feeds,
+// even with a stream per client.
 //
 //	go run ./cmd/sseload/origin -listen 127.0.0.1:9000 -rate 10 -size 200
 //
@@ -29,7 +32,6 @@ package main
 import (
 	"bytes"
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -40,9 +42,10 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/sse-fanout/caddy-sse-fanout/tests/internal/rawsse"
 )
 
 const (
@@ -99,11 +102,7 @@ func main() {
 	if err != nil {
 		fatalf("%v", err)
 	}
-	srv := &http.Server{
-		Handler:           o,
-		ReadHeaderTimeout: 10 * time.Second,
-		ConnState:         o.connState,
-	}
+	go o.clients.Serve(ln)
 	go func() {
 		select {
 		case <-start:
@@ -112,19 +111,11 @@ func main() {
 		}
 	}()
 	go o.report(ctx, *quiet)
-	go func() {
-		<-ctx.Done()
-		sctx, scancel := context.WithTimeout(context.Background(), 2*time.Second)
-		defer scancel()
-		_ = srv.Shutdown(sctx)
-	}()
 	fmt.Printf("origin: listening on %s, %.4g events/s of %d bytes\n", ln.Addr(), *rate, *size)
-	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-		fatalf("%v", err)
-	}
-	<-ctx.Done()
-	fmt.Printf("origin: stopped; peak %d streams, %d connections, %d events made\n",
-		o.peakStreams.Load(), o.peakConns.Load(), o.feed.position())
+	o.serve(ctx)
+	ln.Close()
+	fmt.Printf("origin: stopped; peak %d streams, %d events made, %d streams dropped\n",
+		o.clients.Peak(), o.feed.position(), o.clients.Dropped())
 }
 
 func fatalf(format string, args ...any) {
@@ -141,26 +132,7 @@ type origin struct {
 	published chan []byte     // data to POST to the publisher, if any
 	done      <-chan struct{} // closed when the origin stops
 
-	streams, peakStreams atomic.Int64
-	conns, peakConns     atomic.Int64
-}
-
-func (o *origin) connState(_ net.Conn, st http.ConnState) {
-	switch st {
-	case http.StateNew:
-		raisePeak(&o.peakConns, o.conns.Add(1))
-	case http.StateClosed, http.StateHijacked:
-		o.conns.Add(-1)
-	}
-}
-
-func raisePeak(peak *atomic.Int64, v int64) {
-	for {
-		p := peak.Load()
-		if v <= p || peak.CompareAndSwap(p, v) {
-			return
-		}
-	}
+	clients rawsse.Clients
 }
 
 // report prints the counts every second.
@@ -174,13 +146,13 @@ func (o *origin) report(ctx context.Context, quiet bool) {
 			return
 		case <-t.C:
 		}
-		line := fmt.Sprintf("streams=%d conns=%d", o.streams.Load(), o.conns.Load())
+		line := fmt.Sprintf("streams=%d", o.clients.Open())
 		if quiet && line == last {
 			continue
 		}
 		last = line
-		fmt.Printf("origin: %s %s peak_streams=%d peak_conns=%d events=%d\n", time.Now().Format("15:04:05"),
-			line, o.peakStreams.Load(), o.peakConns.Load(), o.feed.position())
+		fmt.Printf("origin: %s %s peak_streams=%d events=%d\n", time.Now().Format("15:04:05"),
+			line, o.clients.Peak(), o.feed.position())
 	}
 }
 
@@ -272,59 +244,46 @@ func (o *origin) publish(ctx context.Context, url string) {
 	}
 }
 
-// ServeHTTP streams the feed to one client.
-func (o *origin) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	if r.Method != http.MethodGet {
-		w.Header().Set("Allow", "GET")
-		http.Error(w, "method not allowed", http.StatusMethodNotAllowed)
-		return
-	}
-	raisePeak(&o.peakStreams, o.streams.Add(1))
-	defer o.streams.Add(-1)
-
-	cursor := o.feed.position()
-	if v := r.Header.Get("Last-Event-ID"); v != "" {
-		if id, err := strconv.ParseUint(v, 10, 64); err == nil {
-			cursor = o.feed.after(id, cursor)
-		}
-	}
-	rc := http.NewResponseController(w)
-	h := w.Header()
-	h.Set("Content-Type", "text/event-stream")
-	h.Set("Cache-Control", "no-cache")
-	w.WriteHeader(http.StatusOK)
-	if rc.Flush() != nil {
-		return
-	}
+// serve writes the feed to every client until ctx ends: one write per
+// client per batch of new events, a keepalive comment after 15s without.
+// A new client starts with the next events, or after its Last-Event-ID
+// while that is among the last -backlog events.
+func (o *origin) serve(ctx context.Context) {
+	defer o.clients.Close()
 	ka := time.NewTimer(keepalive)
 	defer ka.Stop()
-	var buf []byte
+	cursor := o.feed.position()
+	var raw, framed []byte
 	for {
+		o.clients.Join(func(lastEventID string) []byte { return o.backlog(lastEventID, cursor) })
 		var wake <-chan struct{}
-		buf, cursor, wake = o.feed.collect(cursor, buf[:0])
-		if len(buf) > 0 {
-			if _, err := w.Write(buf); err != nil {
-				return
-			}
-			if rc.Flush() != nil {
-				return
-			}
+		raw, cursor, wake = o.feed.collect(cursor, raw[:0])
+		if len(raw) > 0 {
+			framed = rawsse.Frame(framed[:0], raw)
+			o.clients.Write(framed)
 			ka.Reset(keepalive)
 			continue
 		}
 		select {
 		case <-wake:
 		case <-ka.C:
-			if _, err := w.Write([]byte(": keepalive\n\n")); err != nil || rc.Flush() != nil {
-				return
-			}
+			o.clients.Write(rawsse.Frame(framed[:0], []byte(": keepalive\n\n")))
 			ka.Reset(keepalive)
-		case <-r.Context().Done():
-			return
-		case <-o.done:
+		case <-ctx.Done():
 			return
 		}
 	}
+}
+
+// backlog is what a client that resumes after lastEventID gets before the
+// events from cursor on: the events in between, framed, if they are still
+// in the feed.
+func (o *origin) backlog(lastEventID string, cursor uint64) []byte {
+	id, err := strconv.ParseUint(lastEventID, 10, 64)
+	if err != nil {
+		return nil
+	}
+	return rawsse.Frame(nil, o.feed.between(o.feed.after(id, cursor), cursor, nil))
 }
 
 // feed is the shared event sequence: a ring of the last events, by
@@ -367,6 +326,18 @@ func (f *feed) after(id, def uint64) uint64 {
 		return id
 	}
 	return def
+}
+
+// between appends the events from cursor from to cursor to (excluded)
+// that are still in the ring to buf.
+func (f *feed) between(from, to uint64, buf []byte) []byte {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	oldest := f.head - min(f.head, uint64(len(f.ring)))
+	for c := max(from, oldest); c < min(to, f.head); c++ {
+		buf = append(buf, f.ring[c%uint64(len(f.ring))]...)
+	}
+	return buf
 }
 
 // collect appends the events from cursor on to buf, up to maxBatch bytes;
