@@ -50,7 +50,8 @@ type config struct {
 	tlsClients int
 	tlsReps    int
 
-	genLimit    float64 // percent of the generator core
+	limits      limits
+	retries     int // of a disturbed run
 	caddy       string
 	repo        string
 	nginx       string
@@ -138,7 +139,8 @@ func parseFlags(args []string) (*config, error) {
 		burstReps:    3,
 		tlsClients:   1000,
 		tlsReps:      3,
-		genLimit:     80,
+		limits:       limits{gen: 80, other: 20},
+		retries:      1,
 		nginx:        "nginx",
 		nchanModule:  "/usr/lib/nginx/modules/ngx_nchan_module.so",
 	}
@@ -162,7 +164,9 @@ func parseFlags(args []string) (*config, error) {
 	fs.IntVar(&cfg.burstReps, "burst-reps", cfg.burstReps, "burst workload: repetitions")
 	fs.IntVar(&cfg.tlsClients, "tls-clients", cfg.tlsClients, "tls workload: clients")
 	fs.IntVar(&cfg.tlsReps, "tls-reps", cfg.tlsReps, "tls workload: repetitions")
-	fs.Float64Var(&cfg.genLimit, "gen-limit", cfg.genLimit, "a run whose generator core is busier than this percentage does not count")
+	fs.Float64Var(&cfg.limits.gen, "gen-limit", cfg.limits.gen, "a run whose generator core (1) is busier than this percentage does not count")
+	fs.Float64Var(&cfg.limits.other, "other-limit", cfg.limits.other, "a run where other processes take more than this percentage of a core does not count")
+	fs.IntVar(&cfg.retries, "retries", cfg.retries, "make a run again, at once, at most this many times while other processes disturb it")
 	fs.StringVar(&cfg.caddy, "caddy", "", "Caddy binary with sse_fanout (default: build the repository's ./cmd/caddy)")
 	fs.StringVar(&cfg.repo, "repo", "", "the repository's root (default: found from the working directory)")
 	fs.StringVar(&cfg.nginx, "nginx", cfg.nginx, "nginx binary, for the nchan and nginx_proxy peers")
@@ -222,6 +226,8 @@ func (cfg *config) check() error {
 	switch {
 	case cfg.reps < 1 || cfg.bigReps < 1 || cfg.burstReps < 1 || cfg.tlsReps < 1:
 		return errors.New("repetitions must be at least 1")
+	case cfg.retries < 0 || cfg.retries > 10:
+		return errors.New("-retries must be between 0 and 10")
 	case cfg.window < time.Second || cfg.window > 5*time.Minute:
 		return errors.New("-window must be between 1s and 5m")
 	case cfg.rate <= 0 || cfg.burstEvents < 1 || slices.ContainsFunc(slices.Concat(cfg.bigRates, cfg.burstRates), func(r float64) bool { return r <= 0 || r > 100000 }):
@@ -271,11 +277,16 @@ func run(ctx context.Context, cfg *config) error {
 			fmt.Println("ssebench: interrupted; the results so far are in", cfg.out)
 			break
 		}
-		r := b.runOne(ctx, pr, i+1)
-		b.runs = append(b.runs, r)
-		fmt.Printf("[%d/%d] %s\n", i+1, len(runs), r.line())
-		if err := b.save(); err != nil {
-			return err
+		for attempt := 0; attempt <= cfg.retries && ctx.Err() == nil; attempt++ {
+			r := b.runOne(ctx, pr, i+1, attempt)
+			b.runs = append(b.runs, r)
+			fmt.Printf("[%d/%d] %s\n", i+1, len(runs), r.line())
+			if err := b.save(); err != nil {
+				return err
+			}
+			if r.Status != statusDisturbed {
+				break
+			}
 		}
 	}
 	return b.report(os.Stdout)

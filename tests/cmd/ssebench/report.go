@@ -89,13 +89,13 @@ func (b *bench) report(w io.Writer) error {
 
 // line is one run in a line, for the progress output.
 func (r *RunResult) line() string {
-	s := fmt.Sprintf("%s rep %d: ", r.Cell, r.Rep)
+	s := fmt.Sprintf("%s rep %d%s: ", r.Cell, r.Rep, again(r.Attempt))
 	if r.Load == nil {
 		return s + r.Status + ": " + r.Reason
 	}
-	s += fmt.Sprintf("%.2f µs/delivery, p50 %.1f ms, p99 %.1f ms, loss %s, RSS %.1f KiB/client, gen core %.0f%% (load %.0f%%, origin %.0f%%), %.0f events/s",
+	s += fmt.Sprintf("%.2f µs/delivery, p50 %.1f ms, p99 %.1f ms, loss %s, RSS %.1f KiB/client, gen core %.0f%% (load %.0f%%, origin %.0f%%), others %.0f%%/%.0f%%, %.0f events/s",
 		r.CPUPerDeliveryUs, r.Load.LatencyP50ms, r.Load.LatencyP99ms, percent(r.Load.Loss), r.RSSPerClientKiB,
-		r.GenCorePercent, r.LoadCPUPercent, r.OriginCPUPercent, r.Load.EventsPerSecond)
+		r.GenCorePercent, r.LoadCPUPercent, r.OriginCPUPercent, r.PeerCoreOtherPercent, r.GenCoreOtherPercent, r.Load.EventsPerSecond)
 	if r.Status != statusOK {
 		s += " — " + strings.ToUpper(r.Status) + ": " + r.Reason
 	}
@@ -139,8 +139,9 @@ func writeReport(w io.Writer, m Machine, cfg *config, sums []*Summary, runs []*R
 	fmt.Fprintf(w, "# ssebench, %s\n\n", m.Date.Format("2006-01-02 15:04 MST"))
 	fmt.Fprintf(w, "%s, %d cores, Linux %s, %s; commit %s; %s; %s\n\n", m.CPU, m.Cores, m.Kernel, m.Go, m.Commit, firstLine(m.Caddy), m.Nginx)
 	fmt.Fprintf(w, "Peer on core 0, load tool and origin on core 1. CPU per delivery: the peer's CPU time (all its processes) in the window ÷ events delivered in it. "+
-		"RSS per client: (RSS with every client connected − idle RSS) ÷ clients. Medians over the runs that count; a run whose generator core "+
-		"(core 1) is busier than %.0f%% does not count.\n", cfg.genLimit)
+		"RSS per client: (RSS with every client connected − idle RSS) ÷ clients. Medians over the runs that count: a run whose generator core "+
+		"(core 1) is busier than %.0f%% (generator-bound), or where other processes took more than %.0f%% of a core (disturbed; made again up to %d times), does not count.\n",
+		cfg.limits.gen, cfg.limits.other, cfg.retries)
 	for _, work := range cfg.workloads {
 		var ws []*Summary
 		for _, s := range sums {
@@ -237,8 +238,15 @@ func writeExcluded(w io.Writer, runs []*RunResult) {
 			fmt.Fprintf(w, "\n## Runs that do not count\n\n")
 			first = false
 		}
-		fmt.Fprintf(w, "- %s rep %d: %s: %s\n", r.Cell, r.Rep, r.Status, r.Reason)
+		fmt.Fprintf(w, "- %s rep %d%s: %s: %s\n", r.Cell, r.Rep, again(r.Attempt), r.Status, r.Reason)
 	}
+}
+
+func again(attempt int) string {
+	if attempt == 0 {
+		return ""
+	}
+	return fmt.Sprintf(" (again, %d)", attempt)
 }
 
 func prefixed(p string, xs []string) []string {

@@ -34,7 +34,8 @@ func fakeRuns(t *testing.T, cfg *config) []*RunResult {
 		r.LoadRaw, r.Load = raw, &rep
 		r.CPUPerDeliveryUs, r.RSSPerClientKiB = 5+rng.Float64()*20, 10+rng.Float64()*100
 		r.GenCorePercent = rng.Float64() * 100
-		judge(r, cfg.genLimit)
+		r.GenCoreOtherPercent = rng.Float64() * 25
+		judge(r, cfg.limits)
 		runs = append(runs, r)
 	}
 	return runs
@@ -78,8 +79,8 @@ func TestResultsSurviveTheirFile(t *testing.T) {
 		}
 	}
 	for _, r := range b.runs {
-		if r.Status == statusGeneratorBound && !strings.Contains(report, r.Cell.String()+" rep") {
-			t.Errorf("generator-bound run %s is not listed apart", r.Cell)
+		if (r.Status == statusGeneratorBound || r.Status == statusDisturbed) && !strings.Contains(report, r.Cell.String()+" rep") {
+			t.Errorf("%s run %s is not listed apart", r.Status, r.Cell)
 		}
 	}
 }

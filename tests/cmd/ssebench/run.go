@@ -59,24 +59,29 @@ type loadReport struct {
 // RunResult is everything measured in one run.
 type RunResult struct {
 	Cell
-	Rep              int             `json:"rep"`
-	Started          time.Time       `json:"started"`
-	Status           string          `json:"status"`
-	Reason           string          `json:"reason,omitempty"`
-	WindowSeconds    float64         `json:"window_seconds"`      // as the harness sampled it
-	Deliveries       int64           `json:"deliveries"`          // events received in the window
-	PeerCPUSeconds   float64         `json:"peer_cpu_seconds"`    // in the window
-	CPUPerDeliveryUs float64         `json:"cpu_us_per_delivery"` // peer CPU ÷ deliveries
-	RSSIdleKiB       int64           `json:"rss_idle_kib"`        // before the clients
-	RSSLoadedKiB     int64           `json:"rss_loaded_kib"`      // every client connected, end of window
-	RSSPerClientKiB  float64         `json:"rss_kib_per_client"`
-	PeerCorePercent  float64         `json:"peer_core_percent"` // core 0 busy, anything on it
-	GenCorePercent   float64         `json:"gen_core_percent"`  // core 1 busy, anything on it
-	LoadCPUPercent   float64         `json:"load_cpu_percent"`  // the load tool's own
-	OriginCPUPercent float64         `json:"origin_cpu_percent"`
-	Load             *loadReport     `json:"-"`
-	LoadRaw          json.RawMessage `json:"load,omitempty"` // sseload's whole summary
-	Dir              string          `json:"dir"`
+	Rep              int       `json:"rep"`
+	Attempt          int       `json:"attempt,omitempty"` // retries of a disturbed run count from 1
+	Started          time.Time `json:"started"`
+	Status           string    `json:"status"`
+	Reason           string    `json:"reason,omitempty"`
+	WindowSeconds    float64   `json:"window_seconds"`      // as the harness sampled it
+	Deliveries       int64     `json:"deliveries"`          // events received in the window
+	PeerCPUSeconds   float64   `json:"peer_cpu_seconds"`    // in the window
+	CPUPerDeliveryUs float64   `json:"cpu_us_per_delivery"` // peer CPU ÷ deliveries
+	RSSIdleKiB       int64     `json:"rss_idle_kib"`        // before the clients
+	RSSLoadedKiB     int64     `json:"rss_loaded_kib"`      // every client connected, end of window
+	RSSPerClientKiB  float64   `json:"rss_kib_per_client"`
+	PeerCorePercent  float64   `json:"peer_core_percent"` // core 0 busy, anything on it
+	GenCorePercent   float64   `json:"gen_core_percent"`  // core 1 busy, anything on it
+	// Busy time of each core beyond the processes of the run (another
+	// process's, or stolen by the hypervisor), in percent.
+	PeerCoreOtherPercent float64         `json:"peer_core_other_percent"`
+	GenCoreOtherPercent  float64         `json:"gen_core_other_percent"`
+	LoadCPUPercent       float64         `json:"load_cpu_percent"` // the load tool's own
+	OriginCPUPercent     float64         `json:"origin_cpu_percent"`
+	Load                 *loadReport     `json:"-"`
+	LoadRaw              json.RawMessage `json:"load,omitempty"` // sseload's whole summary
+	Dir                  string          `json:"dir"`
 }
 
 // sample is the state of the processes and cores at one instant.
@@ -172,8 +177,8 @@ func freePort() (int, error) {
 
 // runOne makes one run: origin, peer, load, samples. It returns a result
 // whatever happens; a failure is in its status.
-func (b *bench) runOne(ctx context.Context, pr plannedRun, index int) *RunResult {
-	r := &RunResult{Cell: pr.Cell, Rep: pr.Rep, Started: time.Now()}
+func (b *bench) runOne(ctx context.Context, pr plannedRun, index, attempt int) *RunResult {
+	r := &RunResult{Cell: pr.Cell, Rep: pr.Rep, Attempt: attempt, Started: time.Now()}
 	if why := cannot(pr.Cell, b.cfg.maxFiles); why != "" {
 		r.Status, r.Reason = statusCannot, why
 		return r
@@ -183,11 +188,14 @@ func (b *bench) runOne(ctx context.Context, pr plannedRun, index int) *RunResult
 		return r
 	}
 	r.Dir = filepath.Join(b.cfg.out, "runs", fmt.Sprintf("%03d-%s-%s-%d-%g-%s-r%d", index, pr.Workload, pr.Peer, pr.Clients, pr.Rate, pr.Proto, pr.Rep))
+	if attempt > 0 {
+		r.Dir += fmt.Sprintf("-again%d", attempt)
+	}
 	if err := b.measure(ctx, r); err != nil {
 		r.Status, r.Reason = statusFailed, err.Error()
 		return r
 	}
-	judge(r, b.cfg.genLimit)
+	judge(r, b.cfg.limits)
 	return r
 }
 
@@ -378,5 +386,7 @@ func (r *RunResult) figures(s0, s1 sample) {
 	r.LoadCPUPercent = r.Load.CPUPercent
 	if window > 0 {
 		r.OriginCPUPercent = 100 * float64(s1.origin.Ticks-s0.origin.Ticks) / clockTicks / window
+		r.PeerCoreOtherPercent = max(0, r.PeerCorePercent-100*r.PeerCPUSeconds/window)
+		r.GenCoreOtherPercent = max(0, r.GenCorePercent-r.LoadCPUPercent-r.OriginCPUPercent)
 	}
 }

@@ -25,25 +25,37 @@ const (
 	statusOK             = "ok"
 	statusGeneratorBound = "generator-bound"
 	statusIncomplete     = "incomplete"
+	statusDisturbed      = "disturbed"
 	statusFailed         = "failed"
 	statusCannot         = "cannot"
 	statusUnavailable    = "unavailable"
 )
 
-// judge sets a measured run's status: a run whose generator core was busier
-// than limit percent measured the generator rather than the peer, and a
-// run where not every client connected measured a smaller load.
-func judge(r *RunResult, limit float64) {
+// limits are what a run must stay within to count.
+type limits struct {
+	gen   float64 // percent of the generator core busy, anything on it
+	other float64 // percent of either core busy with processes not ours (or stolen)
+}
+
+// judge sets a measured run's status: a run where not every client
+// connected measured a smaller load; a run where other processes took more
+// than lim.other of a core was disturbed; a run whose generator core was
+// busier than lim.gen measured the generator rather than the peer.
+func judge(r *RunResult, lim limits) {
 	switch {
 	case r.Load == nil:
 		r.Status = statusFailed
 	case r.Load.Connected < int64(r.Clients):
 		r.Status = statusIncomplete
 		r.Reason = fmt.Sprintf("%d of %d clients connected", r.Load.Connected, r.Clients)
-	case r.GenCorePercent > limit:
+	case r.PeerCoreOtherPercent > lim.other || r.GenCoreOtherPercent > lim.other:
+		r.Status = statusDisturbed
+		r.Reason = fmt.Sprintf("other processes took %.0f%% of core 0 and %.0f%% of core 1 (limit %.0f%%): does not count",
+			r.PeerCoreOtherPercent, r.GenCoreOtherPercent, lim.other)
+	case r.GenCorePercent > lim.gen:
 		r.Status = statusGeneratorBound
 		r.Reason = fmt.Sprintf("generator core %.0f%% busy (load tool %.0f%%, origin %.0f%%) > %.0f%%: does not count",
-			r.GenCorePercent, r.LoadCPUPercent, r.OriginCPUPercent, limit)
+			r.GenCorePercent, r.LoadCPUPercent, r.OriginCPUPercent, lim.gen)
 	default:
 		r.Status = statusOK
 	}

@@ -6,6 +6,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestMedianSplitsTheValues(t *testing.T) {
@@ -51,32 +52,62 @@ func measuredRun(c Cell, rep int, cpu, genCore float64, connected int64) *RunRes
 }
 
 func TestJudge(t *testing.T) {
-	const limit = 80
+	lim := limits{gen: 80, other: 20}
 	c := Cell{Workload: workSteady, Peer: peerFanout, Clients: 100, Rate: 10, Proto: protoH1}
-	for _, gen := range []float64{0, limit - 0.1, limit, limit + 0.1, 100} {
+	for _, gen := range []float64{0, lim.gen - 0.1, lim.gen, lim.gen + 0.1, 100} {
 		r := measuredRun(c, 1, 5, gen, 100)
-		judge(r, limit)
-		if bound := r.Status == statusGeneratorBound; bound != (gen > limit) {
+		judge(r, lim)
+		if bound := r.Status == statusGeneratorBound; bound != (gen > lim.gen) {
 			t.Errorf("generator core %v%%: status %s", gen, r.Status)
 		}
 		if r.Status == statusGeneratorBound && !strings.Contains(r.Reason, "does not count") {
 			t.Errorf("generator-bound reason %q does not say it does not count", r.Reason)
 		}
 	}
+	for _, other := range []float64{0, lim.other, lim.other + 0.1, 90} {
+		for core := range 2 {
+			r := measuredRun(c, 1, 5, 50, 100)
+			if core == 0 {
+				r.PeerCoreOtherPercent = other
+			} else {
+				r.GenCoreOtherPercent = other
+				r.GenCorePercent = 100 // disturbed says more than generator-bound
+			}
+			judge(r, lim)
+			if disturbed := r.Status == statusDisturbed; disturbed != (other > lim.other) {
+				t.Errorf("others at %v%% of core %d: status %s", other, core, r.Status)
+			}
+		}
+	}
 	r := measuredRun(c, 1, 5, 100, 99)
-	judge(r, limit)
+	judge(r, lim)
 	if r.Status != statusIncomplete {
 		t.Errorf("99 of 100 connected: status %s", r.Status)
 	}
 	r = &RunResult{Cell: c}
-	judge(r, limit)
+	judge(r, lim)
 	if r.Status != statusFailed {
 		t.Errorf("no load report: status %s", r.Status)
 	}
 }
 
+func TestOtherProcessesShare(t *testing.T) {
+	r := measuredRun(Cell{}, 1, 5, 0, 100)
+	r.Load.CPUPercent = 30
+	// 10s: the peer used 4s of core 0, which was 70% busy; core 1 was 45%
+	// busy, 30% the load tool's and 5% the origin's
+	s0 := sample{at: time.Unix(100, 0), cores: [2]cpuTimes{{Busy: 0, Total: 0}, {Busy: 0, Total: 0}}}
+	s1 := sample{at: time.Unix(110, 0), peer: usage{Ticks: 4 * clockTicks}, origin: usage{Ticks: clockTicks / 2},
+		cores: [2]cpuTimes{{Busy: 7 * clockTicks, Total: 10 * clockTicks}, {Busy: 4.5 * clockTicks, Total: 10 * clockTicks}}}
+	r.figures(s0, s1)
+	near := func(a, b float64) bool { return math.Abs(a-b) < 1e-9 }
+	if !near(r.PeerCoreOtherPercent, 70-40) || !near(r.GenCoreOtherPercent, 45-30-5) {
+		t.Errorf("others: core 0 %v%%, core 1 %v%%", r.PeerCoreOtherPercent, r.GenCoreOtherPercent)
+	}
+}
+
 func TestSummarizeCountsOnlyWhatIsOK(t *testing.T) {
-	const limit = 80
+	lim := limits{gen: 80, other: 20}
 	ok := Cell{Workload: workSteady, Peer: peerFanout, Clients: 100, Rate: 10, Proto: protoH1}
 	onlyBound := ok
 	onlyBound.Peer = peerNchan
@@ -101,7 +132,7 @@ func TestSummarizeCountsOnlyWhatIsOK(t *testing.T) {
 	}
 	for _, r := range runs {
 		if r.Status == "" {
-			judge(r, limit)
+			judge(r, lim)
 		}
 	}
 	sums := summarize(runs)
