@@ -127,12 +127,15 @@ func measure(pids []int) usage {
 
 // cpuTimes is one "cpuN" line of /proc/stat, in clock ticks.
 type cpuTimes struct {
-	Busy, Total uint64
+	Busy  uint64 // everything but idle and iowait
+	Tasks uint64 // Busy without irq and softirq: processes, and steal
+	Total uint64
 }
 
 // parseCPUTimes reads the line of CPU cpu from /proc/stat content. Busy is
 // everything but idle and iowait (steal included: time the core was not
-// ours to use).
+// ours to use). Tasks leaves out interrupt time too, which no process is
+// charged with when the core was idle.
 func parseCPUTimes(stat []byte, cpu int) (cpuTimes, error) {
 	name := "cpu" + strconv.Itoa(cpu)
 	for line := range bytes.Lines(stat) {
@@ -152,6 +155,9 @@ func parseCPUTimes(stat []byte, cpu int) (cpuTimes, error) {
 			t.Total += v
 			if i != 3 && i != 4 { // idle, iowait
 				t.Busy += v
+			}
+			if i != 3 && i != 4 && i != 5 && i != 6 { // and irq, softirq
+				t.Tasks += v
 			}
 		}
 		return t, nil
@@ -175,4 +181,13 @@ func busyPercent(a, b cpuTimes) float64 {
 		return 0
 	}
 	return 100 * float64(b.Busy-a.Busy) / float64(b.Total-a.Total)
+}
+
+// tasksPercent is the share of the interval from a to b that the core ran
+// processes (or was stolen).
+func tasksPercent(a, b cpuTimes) float64 {
+	if b.Total <= a.Total {
+		return 0
+	}
+	return 100 * float64(b.Tasks-a.Tasks) / float64(b.Total-a.Total)
 }

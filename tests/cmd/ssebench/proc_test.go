@@ -95,7 +95,7 @@ func TestCPUTimes(t *testing.T) {
 	}
 	idle := f[3] + f[4]
 	busy := f[0] + f[1] + f[2] + f[5] + f[6] + f[7]
-	if got.Busy != busy || got.Total != busy+idle {
+	if got.Busy != busy || got.Total != busy+idle || got.Tasks != busy-f[5]-f[6] {
 		t.Errorf("got %+v, want busy %d of %d", got, busy, busy+idle)
 	}
 	if _, err := parseCPUTimes([]byte(stat), 7); err == nil {

@@ -73,8 +73,8 @@ type RunResult struct {
 	RSSPerClientKiB  float64   `json:"rss_kib_per_client"`
 	PeerCorePercent  float64   `json:"peer_core_percent"` // core 0 busy, anything on it
 	GenCorePercent   float64   `json:"gen_core_percent"`  // core 1 busy, anything on it
-	// Busy time of each core beyond the processes of the run (another
-	// process's, or stolen by the hypervisor), in percent.
+	// Time each core ran other processes than the run's, or was stolen by
+	// the hypervisor, in percent (interrupt time left out).
 	PeerCoreOtherPercent float64         `json:"peer_core_other_percent"`
 	GenCoreOtherPercent  float64         `json:"gen_core_other_percent"`
 	LoadCPUPercent       float64         `json:"load_cpu_percent"` // the load tool's own
@@ -386,7 +386,7 @@ func (r *RunResult) figures(s0, s1 sample) {
 	r.LoadCPUPercent = r.Load.CPUPercent
 	if window > 0 {
 		r.OriginCPUPercent = 100 * float64(s1.origin.Ticks-s0.origin.Ticks) / clockTicks / window
-		r.PeerCoreOtherPercent = max(0, r.PeerCorePercent-100*r.PeerCPUSeconds/window)
-		r.GenCoreOtherPercent = max(0, r.GenCorePercent-r.LoadCPUPercent-r.OriginCPUPercent)
+		r.PeerCoreOtherPercent = max(0, tasksPercent(s0.cores[0], s1.cores[0])-100*r.PeerCPUSeconds/window)
+		r.GenCoreOtherPercent = max(0, tasksPercent(s0.cores[1], s1.cores[1])-r.LoadCPUPercent-r.OriginCPUPercent)
 	}
 }

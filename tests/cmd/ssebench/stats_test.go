@@ -96,9 +96,10 @@ func TestOtherProcessesShare(t *testing.T) {
 	r.Load.CPUPercent = 30
 	// 10s: the peer used 4s of core 0, which was 70% busy; core 1 was 45%
 	// busy, 30% the load tool's and 5% the origin's
-	s0 := sample{at: time.Unix(100, 0), cores: [2]cpuTimes{{Busy: 0, Total: 0}, {Busy: 0, Total: 0}}}
+	// (interrupt time, 1s on each core, is no process's)
+	s0 := sample{at: time.Unix(100, 0)}
 	s1 := sample{at: time.Unix(110, 0), peer: usage{Ticks: 4 * clockTicks}, origin: usage{Ticks: clockTicks / 2},
-		cores: [2]cpuTimes{{Busy: 7 * clockTicks, Total: 10 * clockTicks}, {Busy: 4.5 * clockTicks, Total: 10 * clockTicks}}}
+		cores: [2]cpuTimes{{Busy: 8 * clockTicks, Tasks: 7 * clockTicks, Total: 10 * clockTicks}, {Busy: 5.5 * clockTicks, Tasks: 4.5 * clockTicks, Total: 10 * clockTicks}}}
 	r.figures(s0, s1)
 	near := func(a, b float64) bool { return math.Abs(a-b) < 1e-9 }
 	if !near(r.PeerCoreOtherPercent, 70-40) || !near(r.GenCoreOtherPercent, 45-30-5) {
