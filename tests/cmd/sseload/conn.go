@@ -14,6 +14,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/sse-fanout/caddy-sse-fanout/tests/internal/rawsse"
 	"golang.org/x/net/http2"
 )
 
@@ -226,7 +227,7 @@ func (l *load) openRaw(conn net.Conn) (*rawStream, error) {
 		head:    slices.Clone(head),
 		at:      at,
 	}
-	if s.fd, err = dupFD(conn); err != nil {
+	if s.fd, err = rawsse.Detach(conn); err != nil {
 		return nil, err
 	}
 	conn.Close()

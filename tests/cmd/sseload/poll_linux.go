@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -172,30 +171,4 @@ func (pl *poller) closeAll() {
 		}
 	}
 	syscall.Close(pl.epfd)
-}
-
-// dupFD returns a duplicate of conn's socket descriptor (non-blocking, like
-// the original: they share the open file).
-func dupFD(conn net.Conn) (int, error) {
-	sc, ok := conn.(syscall.Conn)
-	if !ok {
-		return -1, errors.New("connection has no descriptor")
-	}
-	raw, err := sc.SyscallConn()
-	if err != nil {
-		return -1, err
-	}
-	fd, derr := -1, error(nil)
-	if err := raw.Control(func(f uintptr) { fd, derr = syscall.Dup(int(f)) }); err != nil {
-		return -1, err
-	}
-	if derr != nil {
-		return -1, fmt.Errorf("dup: %w", derr)
-	}
-	syscall.CloseOnExec(fd)
-	if err := syscall.SetNonblock(fd, true); err != nil {
-		syscall.Close(fd)
-		return -1, err
-	}
-	return fd, nil
 }

@@ -5,7 +5,6 @@ package main
 import (
 	"context"
 	"errors"
-	"net"
 )
 
 // poller is the Linux epoll reader; elsewhere every stream has its own
@@ -19,5 +18,3 @@ func newPoller(*load) (*poller, error) {
 func (*poller) add(*rawStream, *eventParser) error { return errors.New("no poller") }
 func (*poller) run(context.Context)                {}
 func (*poller) wait()                              {}
-
-func dupFD(net.Conn) (int, error) { return -1, errors.New("no poller") }

@@ -2,7 +2,8 @@
 // clients the cheapest way there is: each client socket is a bare
 // non-blocking descriptor, and one goroutine makes one write(2) per client
 // per batch of events. No goroutine, buffer or flush per client. The
-// benchmark origin and the write floor are made of it.
+// benchmark origin and the write floor are made of it; the load tool
+// reads its sockets through Detach.
 package rawsse
 
 import (
@@ -82,7 +83,7 @@ func (c *Clients) start(conn net.Conn) error {
 	if _, err := conn.Write([]byte(Head)); err != nil {
 		return err
 	}
-	fd, err := dupFD(conn)
+	fd, err := Detach(conn)
 	if err != nil {
 		return err
 	}
@@ -95,7 +96,11 @@ func (c *Clients) start(conn net.Conn) error {
 	return nil
 }
 
-func dupFD(conn net.Conn) (int, error) {
+// Detach returns a duplicate of conn's socket descriptor, non-blocking and
+// close-on-exec, for use with raw system calls; closing conn then takes it
+// out of Go's network poller and leaves the socket open through the
+// duplicate.
+func Detach(conn net.Conn) (int, error) {
 	sc, ok := conn.(syscall.Conn)
 	if !ok {
 		return -1, errors.New("connection has no descriptor")

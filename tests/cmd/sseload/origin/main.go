@@ -93,7 +93,7 @@ func main() {
 	ctx, cancel := context.WithTimeout(ctx, *duration)
 	defer cancel()
 
-	o := &origin{feed: newFeed(*backlog), size: *size, count: *count, done: ctx.Done()}
+	o := &origin{feed: newFeed(*backlog), size: *size, count: *count}
 	if *publish != "" {
 		o.published = make(chan []byte, publishQueue)
 		go o.publish(ctx, *publish)
@@ -123,14 +123,12 @@ func fatalf(format string, args ...any) {
 	os.Exit(2)
 }
 
-// origin serves the feed on every path and counts its streams and
-// connections.
+// origin makes the feed and serves it on every path.
 type origin struct {
 	feed      *feed
-	size      int             // of an event's data
-	count     uint64          // events to make; 0: no limit
-	published chan []byte     // data to POST to the publisher, if any
-	done      <-chan struct{} // closed when the origin stops
+	size      int         // of an event's data
+	count     uint64      // events to make; 0: no limit
+	published chan []byte // data to POST to the publisher, if any
 
 	clients rawsse.Clients
 }

@@ -30,7 +30,7 @@ func TestACountedBurstIsPostedInOrder(t *testing.T) {
 	defer pub.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	o := &origin{feed: newFeed(100), size: size, count: count, published: make(chan []byte, publishQueue), done: ctx.Done()}
+	o := &origin{feed: newFeed(100), size: size, count: count, published: make(chan []byte, publishQueue)}
 	go o.publish(ctx, pub.URL)
 	o.generate(ctx, 1000) // returns after count events
 	if got := o.feed.position(); got != count {
@@ -127,7 +127,7 @@ func waitStreams(t *testing.T, o *origin, n int64) {
 func TestStreamsAndResume(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	o := &origin{feed: newFeed(100), size: 80, done: ctx.Done()}
+	o := &origin{feed: newFeed(100), size: 80}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
