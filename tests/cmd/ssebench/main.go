@@ -58,7 +58,8 @@ type config struct {
 	nchanModule string
 	maxFiles    int
 	dryRun      bool
-	report      string   // a results.json to print the tables of
+	report      []string // results.json files to print the tables of
+	reportJSON  string   // where to write their runs together
 	args        []string // the command line, kept with the results
 }
 
@@ -172,7 +173,8 @@ func parseFlags(args []string) (*config, error) {
 	fs.StringVar(&cfg.nginx, "nginx", cfg.nginx, "nginx binary, for the nchan and nginx_proxy peers")
 	fs.StringVar(&cfg.nchanModule, "nchan-module", cfg.nchanModule, "nchan's dynamic module")
 	fs.BoolVar(&cfg.dryRun, "dry-run", false, "print the plan and its estimated time, run nothing")
-	fs.StringVar(&cfg.report, "report", "", "print the tables of this results.json again, run nothing")
+	fs.Var(words(&cfg.report), "report", "print the tables of these results.json files (comma-separated, their runs together), run nothing")
+	fs.StringVar(&cfg.reportJSON, "report-json", "", "with -report: also write the runs together as one results file here")
 	quick := fs.Bool("quick", false, "a short check of everything: 1000 clients, one repetition, 5s windows, no big workload, two burst rates (explicit flags still apply)")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
@@ -252,15 +254,15 @@ type bench struct {
 func (b *bench) bin(name string) string { return filepath.Join(b.binDir, name) }
 
 func run(ctx context.Context, cfg *config) error {
-	if cfg.report != "" {
-		return rereport(os.Stdout, cfg.report)
+	if len(cfg.report) > 0 {
+		return rereport(os.Stdout, cfg.report, cfg.reportJSON)
 	}
 	var err error
 	if cfg.maxFiles, err = raiseFileLimit(); err != nil {
 		return err
 	}
 	runs := cfg.plan()
-	fmt.Printf("ssebench: %d runs, about %s\n", len(runs), cfg.estimate(runs).Round(time.Minute))
+	fmt.Printf("ssebench: %d runs, about %s, more if disturbed runs are made again\n", len(runs), cfg.estimate(runs).Round(time.Minute))
 	if cfg.dryRun {
 		for i, r := range runs {
 			why := cannot(r.Cell, cfg.maxFiles)

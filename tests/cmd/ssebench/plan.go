@@ -154,11 +154,12 @@ func (cfg *config) plan() []plannedRun {
 	return runs
 }
 
-// Fixed costs of a run, for the time estimate.
+// Fixed costs of a run besides its window, for the time estimate (as
+// measured on a 2-core machine).
 const (
-	runSetup      = 4 * time.Second // start the origin and the peer, idle sample, stop
-	connectPer1k  = 400 * time.Millisecond
-	burstDrainEst = 4 * time.Second
+	runSetup      = 2 * time.Second // start the origin and the peer, idle sample, stop
+	connectPer1k  = 500 * time.Millisecond
+	burstDrainEst = time.Second
 )
 
 // estimate is about how long the runs take.

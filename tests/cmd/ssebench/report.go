@@ -270,28 +270,54 @@ func percent(f float64) string {
 	return fmt.Sprintf("%.3g%%", 100*f)
 }
 
-// rereport prints the tables of a results.json again.
-func rereport(w io.Writer, file string) error {
-	data, err := os.ReadFile(file)
+// rereport prints the tables of the runs of one or more results.json
+// files together (made with the same settings: the first file's give the
+// titles), and writes them as one results file to jsonOut unless it is "".
+func rereport(w io.Writer, files []string, jsonOut string) error {
+	var all Results
+	var cfg *config
+	for _, file := range files {
+		res, err := readResults(file)
+		if err != nil {
+			return err
+		}
+		if cfg == nil {
+			if cfg, err = parseFlags(res.Args); err != nil {
+				return fmt.Errorf("%s: its arguments: %w", file, err)
+			}
+			all.Machine, all.Args = res.Machine, res.Args
+		}
+		all.Runs = append(all.Runs, res.Runs...)
+	}
+	all.Summaries = summarize(all.Runs)
+	writeReport(w, all.Machine, cfg, all.Summaries, all.Runs)
+	if jsonOut == "" {
+		return nil
+	}
+	data, err := json.MarshalIndent(all, "", "  ")
 	if err != nil {
 		return err
 	}
+	return os.WriteFile(jsonOut, data, 0o644)
+}
+
+// readResults reads a results.json, with each run's load summary.
+func readResults(file string) (*Results, error) {
+	data, err := os.ReadFile(file)
+	if err != nil {
+		return nil, err
+	}
 	var res Results
 	if err := json.Unmarshal(data, &res); err != nil {
-		return fmt.Errorf("%s: %w", file, err)
-	}
-	cfg, err := parseFlags(res.Args)
-	if err != nil {
-		return fmt.Errorf("%s: its arguments: %w", file, err)
+		return nil, fmt.Errorf("%s: %w", file, err)
 	}
 	for _, r := range res.Runs {
 		if len(r.LoadRaw) > 0 {
 			r.Load = &loadReport{}
 			if err := json.Unmarshal(r.LoadRaw, r.Load); err != nil {
-				return fmt.Errorf("%s: a run's load summary: %w", file, err)
+				return nil, fmt.Errorf("%s: a run's load summary: %w", file, err)
 			}
 		}
 	}
-	writeReport(w, res.Machine, cfg, summarize(res.Runs), res.Runs)
-	return nil
+	return &res, nil
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"io"
 	"math/rand/v2"
 	"path/filepath"
 	"reflect"
@@ -55,11 +56,30 @@ func TestResultsSurviveTheirFile(t *testing.T) {
 	var direct bytes.Buffer
 	writeReport(&direct, b.machine, cfg, summarize(b.runs), b.runs)
 	var again bytes.Buffer
-	if err := rereport(&again, filepath.Join(dir, "results.json")); err != nil {
+	file := filepath.Join(dir, "results.json")
+	if err := rereport(&again, []string{file}, ""); err != nil {
 		t.Fatal(err)
 	}
 	if direct.String() != again.String() {
 		t.Errorf("the report from results.json differs from the one of the run:\n%s\n----\n%s", direct.String(), again.String())
+	}
+	// twice the same runs: every cell has twice the runs, the same medians
+	twice := filepath.Join(dir, "twice.json")
+	if err := rereport(io.Discard, []string{file, file}, twice); err != nil {
+		t.Fatal(err)
+	}
+	both, err := readResults(twice)
+	if err != nil {
+		t.Fatal(err)
+	}
+	once := summarize(b.runs)
+	if len(both.Runs) != 2*len(b.runs) || len(both.Summaries) != len(once) {
+		t.Fatalf("%d runs, %d summaries from twice %d runs, %d summaries", len(both.Runs), len(both.Summaries), len(b.runs), len(once))
+	}
+	for i, s := range both.Summaries {
+		if s.Runs != 2*once[i].Runs || s.Counted != 2*once[i].Counted || (s.Counted > 0 && s.CPUPerDeliveryUs != once[i].CPUPerDeliveryUs) {
+			t.Errorf("%s: %+v from twice %+v", s.Cell, s, once[i])
+		}
 	}
 	var res Results
 	data, err := json.Marshal(Results{Summaries: summarize(b.runs)})
