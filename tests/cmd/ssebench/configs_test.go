@@ -47,7 +47,7 @@ func TestNginxConfig(t *testing.T) {
 			fmt.Sprintf("pid %s/nginx.pid;", dir),
 			fmt.Sprintf("error_log %s/", dir),
 			fmt.Sprintf("listen 127.0.0.1:%d", c.Port),
-			fmt.Sprintf("worker_connections %d;", c.MaxFiles),
+			fmt.Sprintf("worker_connections %d;", c.Connections()),
 			fmt.Sprintf("worker_rlimit_nofile %d;", c.MaxFiles),
 		} {
 			if !strings.Contains(conf, want) {

@@ -2,9 +2,11 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 )
@@ -15,6 +17,7 @@ const clockTicks = 100
 
 // procStat is what the harness reads from /proc/<pid>/stat.
 type procStat struct {
+	Name  string // the command name (comm)
 	PPID  int
 	Ticks uint64 // utime + stime, in clock ticks
 }
@@ -24,7 +27,8 @@ type procStat struct {
 // counted from the last ')'.
 func parseProcStat(b []byte) (procStat, error) {
 	i := bytes.LastIndexByte(b, ')')
-	if i < 0 {
+	open := bytes.IndexByte(b, '(')
+	if i < 0 || open < 0 || open > i {
 		return procStat{}, errors.New("no command name in stat")
 	}
 	f := strings.Fields(string(b[i+1:]))
@@ -38,7 +42,7 @@ func parseProcStat(b []byte) (procStat, error) {
 	if err := errors.Join(err1, err2, err3); err != nil {
 		return procStat{}, fmt.Errorf("stat: %w", err)
 	}
-	return procStat{PPID: ppid, Ticks: utime + stime}, nil
+	return procStat{Name: string(b[open+1 : i]), PPID: ppid, Ticks: utime + stime}, nil
 }
 
 func readProcStat(pid int) (procStat, error) {
@@ -73,10 +77,9 @@ func readRSS(pid int) (int64, error) {
 	return parseRSS(b)
 }
 
-// processTree returns pid and its descendants (nginx: the master and its
-// workers), from the parent links in /proc.
-func processTree(pid int) []int {
-	parent := map[int]int{}
+// processes reads the stat of every process in /proc.
+func processes() map[int]procStat {
+	all := map[int]procStat{}
 	entries, _ := os.ReadDir("/proc")
 	for _, e := range entries {
 		p, err := strconv.Atoi(e.Name())
@@ -84,10 +87,42 @@ func processTree(pid int) []int {
 			continue
 		}
 		if st, err := readProcStat(p); err == nil {
-			parent[p] = st.PPID
+			all[p] = st
 		}
 	}
+	return all
+}
+
+// processTree returns pid and its descendants (nginx: the master and its
+// workers), from the parent links in /proc.
+func processTree(pid int) []int {
+	parent := map[int]int{}
+	for p, st := range processes() {
+		parent[p] = st.PPID
+	}
 	return descendants(pid, parent)
+}
+
+// busiest names the n processes, other than ours, that used the most CPU
+// from a to b (seconds apart), as "name 12%" of a core. Processes that
+// began or ended in between are not seen.
+func busiest(a, b map[int]procStat, ours []int, seconds float64, n int) []string {
+	type use struct {
+		name  string
+		ticks uint64
+	}
+	var uses []use
+	for p, st := range b {
+		if before, ok := a[p]; ok && !slices.Contains(ours, p) && st.Ticks > before.Ticks {
+			uses = append(uses, use{st.Name, st.Ticks - before.Ticks})
+		}
+	}
+	slices.SortFunc(uses, func(x, y use) int { return cmp.Compare(y.ticks, x.ticks) })
+	var out []string
+	for _, u := range uses[:min(n, len(uses))] {
+		out = append(out, fmt.Sprintf("%s %.0f%%", u.name, 100*float64(u.ticks)/clockTicks/seconds))
+	}
+	return out
 }
 
 // descendants returns root and every process below it in parent (child →

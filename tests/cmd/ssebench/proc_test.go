@@ -44,11 +44,11 @@ func TestProcStatWithAnOddCommandName(t *testing.T) {
 		if err != nil {
 			t.Fatalf("%q: %v", name, err)
 		}
-		if st.PPID != ppid || st.Ticks != utime+stime {
+		if st.Name != name || st.PPID != ppid || st.Ticks != utime+stime {
 			t.Errorf("%q: got %+v, want ppid %d, ticks %d", name, st, ppid, utime+stime)
 		}
 	}
-	for _, bad := range []string{"", "12 no parenthesis S 1", "12 (x) S 1 2 3"} {
+	for _, bad := range []string{"", "12 no parenthesis S 1", "12 (x) S 1 2 3", "12 )x( S 1 2 3 4 5 6 7 8 9 10 11 12 13"} {
 		if _, err := parseProcStat([]byte(bad)); err == nil {
 			t.Errorf("parseProcStat(%q): no error", bad)
 		}
@@ -131,5 +131,17 @@ func TestProcessTreeFindsChildren(t *testing.T) {
 	}
 	if u := measure(tree); u.RSSKiB <= 0 {
 		t.Errorf("measure: %+v", u)
+	}
+}
+
+func TestBusiestOthers(t *testing.T) {
+	a := map[int]procStat{1: {Name: "init", Ticks: 10}, 2: {Name: "ours", Ticks: 0}, 3: {Name: "build", Ticks: 0}, 4: {Name: "test", Ticks: 5}, 5: {Name: "gone", Ticks: 1}}
+	b := map[int]procStat{1: {Name: "init", Ticks: 11}, 2: {Name: "ours", Ticks: 900}, 3: {Name: "build", Ticks: 500}, 4: {Name: "test", Ticks: 255}, 6: {Name: "new", Ticks: 999}}
+	got := busiest(a, b, []int{2}, 10, 2)
+	if want := []string{"build 50%", "test 25%"}; !slices.Equal(got, want) {
+		t.Errorf("busiest = %v, want %v", got, want)
+	}
+	if got := busiest(a, a, nil, 10, 3); len(got) != 0 {
+		t.Errorf("nobody busy: %v", got)
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -75,13 +76,15 @@ type RunResult struct {
 	GenCorePercent   float64   `json:"gen_core_percent"`  // core 1 busy, anything on it
 	// Time each core ran other processes than the run's, or was stolen by
 	// the hypervisor, in percent (interrupt time left out).
-	PeerCoreOtherPercent float64         `json:"peer_core_other_percent"`
-	GenCoreOtherPercent  float64         `json:"gen_core_other_percent"`
-	LoadCPUPercent       float64         `json:"load_cpu_percent"` // the load tool's own
-	OriginCPUPercent     float64         `json:"origin_cpu_percent"`
-	Load                 *loadReport     `json:"-"`
-	LoadRaw              json.RawMessage `json:"load,omitempty"` // sseload's whole summary
-	Dir                  string          `json:"dir"`
+	PeerCoreOtherPercent float64 `json:"peer_core_other_percent"`
+	GenCoreOtherPercent  float64 `json:"gen_core_other_percent"`
+	// The busiest other processes in the window, "name 12%" of a core.
+	Others           []string        `json:"others,omitempty"`
+	LoadCPUPercent   float64         `json:"load_cpu_percent"` // the load tool's own
+	OriginCPUPercent float64         `json:"origin_cpu_percent"`
+	Load             *loadReport     `json:"-"`
+	LoadRaw          json.RawMessage `json:"load,omitempty"` // sseload's whole summary
+	Dir              string          `json:"dir"`
 }
 
 // sample is the state of the processes and cores at one instant.
@@ -90,6 +93,7 @@ type sample struct {
 	peer   usage
 	origin usage
 	cores  [2]cpuTimes
+	all    map[int]procStat // every process, to name the others
 }
 
 func (b *bench) sample(peerPIDs []int, origin int) sample {
@@ -98,6 +102,7 @@ func (b *bench) sample(peerPIDs []int, origin int) sample {
 		peer:   measure(peerPIDs),
 		origin: measure([]int{origin}),
 		cores:  [2]cpuTimes{readCPUTimes(peerCore), readCPUTimes(generatorCore)},
+		all:    processes(),
 	}
 }
 
@@ -364,6 +369,8 @@ func (b *bench) load(ctx context.Context, r *RunResult, url string, pids []int, 
 		return fmt.Errorf("sseload's summary: %w (see sseload.err)", err)
 	}
 	r.figures(s0, s1)
+	ours := slices.Concat(pids, []int{origin.pid(), cmd.Process.Pid, os.Getpid(), os.Getppid()})
+	r.Others = busiest(s0.all, s1.all, ours, r.WindowSeconds, 3)
 	return nil
 }
 

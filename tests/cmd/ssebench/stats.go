@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"math"
 	"slices"
+	"strings"
 )
 
 // median of xs (NaN when empty); xs is not changed.
@@ -50,8 +51,8 @@ func judge(r *RunResult, lim limits) {
 		r.Reason = fmt.Sprintf("%d of %d clients connected", r.Load.Connected, r.Clients)
 	case r.PeerCoreOtherPercent > lim.other || r.GenCoreOtherPercent > lim.other:
 		r.Status = statusDisturbed
-		r.Reason = fmt.Sprintf("other processes took %.0f%% of core 0 and %.0f%% of core 1 (limit %.0f%%): does not count",
-			r.PeerCoreOtherPercent, r.GenCoreOtherPercent, lim.other)
+		r.Reason = fmt.Sprintf("other processes took %.0f%% of core 0 and %.0f%% of core 1 (limit %.0f%%; busiest: %s): does not count",
+			r.PeerCoreOtherPercent, r.GenCoreOtherPercent, lim.other, othersText(r.Others))
 	case r.GenCorePercent > lim.gen:
 		r.Status = statusGeneratorBound
 		r.Reason = fmt.Sprintf("generator core %.0f%% busy (load tool %.0f%%, origin %.0f%%) > %.0f%%: does not count",
@@ -155,4 +156,11 @@ func ratio(a, b float64) float64 {
 		return math.NaN()
 	}
 	return a / b
+}
+
+func othersText(others []string) string {
+	if len(others) == 0 {
+		return "none seen, so short-lived ones"
+	}
+	return strings.Join(others, ", ")
 }
