@@ -158,9 +158,8 @@ func ratio(a, b float64) float64 {
 	return a / b
 }
 
+// othersText names the busiest other processes; the rest of what others
+// took is processes that started or ended in the window (builds, tests).
 func othersText(others []string) string {
-	if len(others) == 0 {
-		return "none seen, so short-lived ones"
-	}
-	return strings.Join(others, ", ")
+	return strings.Join(append(others, "the rest short-lived"), ", ")
 }
