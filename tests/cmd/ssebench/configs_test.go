@@ -153,3 +153,22 @@ func TestCaddyConfig(t *testing.T) {
 		t.Error("TLS with a relative storage path: no error")
 	}
 }
+
+func TestMissingPeersSayWhatToInstall(t *testing.T) {
+	cfg := &config{nginx: filepath.Join(t.TempDir(), "no-nginx"), nchanModule: "/no/such/module.so"}
+	missing := missingPeers(cfg)
+	for _, p := range []string{peerNchan, peerNginx} {
+		if !strings.Contains(missing[p], "apt-get install -y nginx-light libnginx-mod-nchan") {
+			t.Errorf("no nginx: %s says %q", p, missing[p])
+		}
+	}
+	sh, err := exec.LookPath("sh") // stands in for an nginx that is there
+	if err != nil {
+		t.Skip("no sh:", err)
+	}
+	cfg = &config{nginx: sh, nchanModule: "/no/such/module.so"}
+	missing = missingPeers(cfg)
+	if missing[peerNginx] != "" || missing[peerNchan] == "" || cfg.nginx != sh {
+		t.Errorf("nginx without nchan: %v, nginx %q", missing, cfg.nginx)
+	}
+}

@@ -314,37 +314,14 @@ func (b *bench) prepare() error {
 	if _, err := exec.LookPath("taskset"); err != nil {
 		return errors.New("taskset not found: apt-get install -y util-linux")
 	}
-	if err := os.MkdirAll(b.binDir, 0o755); err != nil {
-		return err
-	}
 	repo, err := findRepo(b.cfg.repo)
 	if err != nil {
 		return err
 	}
-	fmt.Println("ssebench: building the load tool, the origin and the floor")
-	if err := goBuild(filepath.Join(repo, "tests"), b.binDir+"/", "./cmd/sseload", "./cmd/sseload/origin", "./cmd/ssefloor"); err != nil {
+	if err := b.build(repo); err != nil {
 		return err
 	}
-	b.caddy = b.cfg.caddy
-	if b.caddy == "" {
-		fmt.Println("ssebench: building Caddy with sse_fanout (./cmd/caddy)")
-		b.caddy = b.bin("caddy")
-		if err := goBuild(repo, b.caddy, "./cmd/caddy"); err != nil {
-			return err
-		}
-	}
-	b.unavailable = map[string]string{}
-	const install = "not installed: apt-get install -y nginx-light libnginx-mod-nchan"
-	if path, err := exec.LookPath(b.cfg.nginx); err == nil {
-		b.cfg.nginx = path
-	} else if _, err := os.Stat("/usr/sbin/nginx"); err == nil && b.cfg.nginx == "nginx" {
-		b.cfg.nginx = "/usr/sbin/nginx"
-	} else {
-		b.unavailable[peerNchan], b.unavailable[peerNginx] = install, install
-	}
-	if _, err := os.Stat(b.cfg.nchanModule); err != nil {
-		b.unavailable[peerNchan] = install
-	}
+	b.unavailable = missingPeers(b.cfg)
 	for p, why := range b.unavailable {
 		if slices.Contains(b.cfg.peers, p) {
 			fmt.Printf("ssebench: %s: %s\n", p, why)
@@ -352,6 +329,45 @@ func (b *bench) prepare() error {
 	}
 	b.machine = describeMachine(repo, b.caddy, b.cfg.nginx)
 	return nil
+}
+
+// build builds the tools into binDir, and Caddy with sse_fanout from the
+// repository unless -caddy gave one.
+func (b *bench) build(repo string) error {
+	if err := os.MkdirAll(b.binDir, 0o755); err != nil {
+		return err
+	}
+	fmt.Println("ssebench: building the load tool, the origin and the floor")
+	if err := goBuild(filepath.Join(repo, "tests"), b.binDir+"/", "./cmd/sseload", "./cmd/sseload/origin", "./cmd/ssefloor"); err != nil {
+		return err
+	}
+	b.caddy = b.cfg.caddy
+	if b.caddy != "" {
+		return nil
+	}
+	fmt.Println("ssebench: building Caddy with sse_fanout (./cmd/caddy)")
+	b.caddy = b.bin("caddy")
+	return goBuild(repo, b.caddy, "./cmd/caddy")
+}
+
+// missingPeers says what to install for each peer whose programs are not
+// there, and makes cfg.nginx a path.
+func missingPeers(cfg *config) map[string]string {
+	const install = "not installed: apt-get install -y nginx-light libnginx-mod-nchan"
+	missing := map[string]string{}
+	path, err := exec.LookPath(cfg.nginx)
+	if err != nil && cfg.nginx == "nginx" { // root's PATH may lack /usr/sbin
+		path, err = exec.LookPath("/usr/sbin/nginx")
+	}
+	if err != nil {
+		missing[peerNchan], missing[peerNginx] = install, install
+		return missing
+	}
+	cfg.nginx = path
+	if _, err := os.Stat(cfg.nchanModule); err != nil {
+		missing[peerNchan] = install
+	}
+	return missing
 }
 
 // findRepo returns the repository's root: dir if given, else the closest
