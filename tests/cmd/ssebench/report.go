@@ -162,13 +162,13 @@ func writeReport(w io.Writer, m Machine, cfg *config, sums []*Summary, runs []*R
 func writeSummaryTable(w io.Writer, ws []*Summary) {
 	fmt.Fprintln(w, "| case | peer | runs | CPU µs/delivery | p50 ms | p99 ms | max ms | loss | RSS KiB/client | gen core % | events/s |")
 	fmt.Fprintln(w, "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-	bound := false
+	notCounted := false
 	for _, s := range ws {
 		runs := fmt.Sprintf("%d/%d", s.Counted, s.Runs)
 		switch {
-		case s.GeneratorBound:
-			runs += " generator-bound†"
-			bound = true
+		case s.NotCounted:
+			runs += " " + s.Status + "†"
+			notCounted = true
 		case s.Counted == 0:
 			fmt.Fprintf(w, "| %s | %s | %s %s | | | | | | | | |\n", caseOf(s.Cell), s.Peer, runs, s.Status)
 			continue
@@ -177,8 +177,8 @@ func writeSummaryTable(w io.Writer, ws []*Summary) {
 			caseOf(s.Cell), s.Peer, runs, s.CPUPerDeliveryUs, s.P50ms, s.P99ms, s.Maxms,
 			percent(s.Loss), s.RSSPerClientKiB, s.GenCorePercent, s.EventsPerSecond)
 	}
-	if bound {
-		fmt.Fprintln(w, "\n† no run counted: medians of the generator-bound runs, for information only (their latency and loss are upper bounds; not in the ratios)")
+	if notCounted {
+		fmt.Fprintln(w, "\n† no run counted: medians of the generator-bound (else disturbed) runs, for information only; latency and loss are then upper bounds; not in the ratios")
 	}
 }
 
@@ -200,8 +200,7 @@ func writeRatioTable(w io.Writer, ws []*Summary) {
 			by[key{c, s.Peer}] = s
 		}
 	}
-	fmt.Fprintf(w, "\n| case | metric | %s |\n", strings.Join(prefixed("sse_fanout / ", ratioPeers), " | "))
-	fmt.Fprintf(w, "| --- | --- |%s\n", strings.Repeat(" ---: |", len(ratioPeers)))
+	var rows []string
 	metrics := []struct {
 		name string
 		f    func(*Summary) float64
@@ -214,16 +213,28 @@ func writeRatioTable(w io.Writer, ws []*Summary) {
 		f := by[key{c, peerFanout}]
 		for _, m := range metrics {
 			cells := make([]string, len(ratioPeers))
+			some := false
 			for i, p := range ratioPeers {
 				cells[i] = "–"
 				if o := by[key{c, p}]; f != nil && o != nil {
 					if x := ratio(m.f(f), m.f(o)); !math.IsNaN(x) {
 						cells[i] = fmt.Sprintf("%.2f", x)
+						some = true
 					}
 				}
 			}
-			fmt.Fprintf(w, "| %s | %s | %s |\n", c, m.name, strings.Join(cells, " | "))
+			if some {
+				rows = append(rows, fmt.Sprintf("| %s | %s | %s |", c, m.name, strings.Join(cells, " | ")))
+			}
 		}
+	}
+	if len(rows) == 0 {
+		return
+	}
+	fmt.Fprintf(w, "\n| case | metric | %s |\n", strings.Join(prefixed("sse_fanout / ", ratioPeers), " | "))
+	fmt.Fprintf(w, "| --- | --- |%s\n", strings.Repeat(" ---: |", len(ratioPeers)))
+	for _, row := range rows {
+		fmt.Fprintln(w, row)
 	}
 }
 

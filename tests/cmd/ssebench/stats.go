@@ -69,10 +69,10 @@ type Summary struct {
 	Runs    int    `json:"runs"`
 	Counted int    `json:"counted"`
 	Status  string `json:"status,omitempty"` // a reason when no run counted
-	// GeneratorBound: no run counted, and the figures are the medians of
-	// the generator-bound runs: upper bounds of latency and loss, shown
-	// for information.
-	GeneratorBound   bool    `json:"generator_bound,omitempty"`
+	// NotCounted: no run counted, and the figures are the medians of the
+	// runs that were measured but did not count (generator-bound first,
+	// else disturbed), shown for information; Status says which.
+	NotCounted       bool    `json:"not_counted,omitempty"`
 	CPUPerDeliveryUs float64 `json:"cpu_us_per_delivery"`
 	P50ms            float64 `json:"p50_ms"`
 	P99ms            float64 `json:"p99_ms"`
@@ -90,7 +90,8 @@ func summarize(runs []*RunResult) []*Summary {
 	var out []*Summary
 	byCell := map[Cell]*Summary{}
 	counted := map[Cell][]*RunResult{}
-	bound := map[Cell][]*RunResult{}
+	bound := map[Cell][]*RunResult{}     // generator-bound
+	disturbed := map[Cell][]*RunResult{} // or disturbed
 	for _, r := range runs {
 		s := byCell[r.Cell]
 		if s == nil {
@@ -99,8 +100,11 @@ func summarize(runs []*RunResult) []*Summary {
 			out = append(out, s)
 		}
 		s.Runs++
-		if r.Status == statusGeneratorBound {
+		switch r.Status {
+		case statusGeneratorBound:
 			bound[r.Cell] = append(bound[r.Cell], r)
+		case statusDisturbed:
+			disturbed[r.Cell] = append(disturbed[r.Cell], r)
 		}
 		if r.Status == statusOK {
 			counted[r.Cell] = append(counted[r.Cell], r)
@@ -119,8 +123,10 @@ func summarize(runs []*RunResult) []*Summary {
 			s.Status = ""
 		case len(bound[s.Cell]) > 0:
 			rs = bound[s.Cell]
-			s.GeneratorBound = true
-			s.Status = statusGeneratorBound
+			s.NotCounted, s.Status = true, statusGeneratorBound
+		case len(disturbed[s.Cell]) > 0:
+			rs = disturbed[s.Cell]
+			s.NotCounted, s.Status = true, statusDisturbed
 		default:
 			continue
 		}

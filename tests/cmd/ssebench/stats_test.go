@@ -146,14 +146,14 @@ func TestSummarizeCountsOnlyWhatIsOK(t *testing.T) {
 		}
 		switch s.Cell {
 		case ok:
-			if s.Counted != 4 || s.CPUPerDeliveryUs != median(okCPU) || s.GeneratorBound {
+			if s.Counted != 4 || s.CPUPerDeliveryUs != median(okCPU) || s.NotCounted {
 				t.Errorf("ok cell: %+v, want the median of %v", s, okCPU)
 			}
 			if s.P99ms != 2*s.CPUPerDeliveryUs {
 				t.Errorf("ok cell: p99 %v is not the median of the runs' p99", s.P99ms)
 			}
 		case onlyBound:
-			if s.Counted != 0 || !s.GeneratorBound || s.CPUPerDeliveryUs != median(boundCPU) {
+			if s.Counted != 0 || !s.NotCounted || s.Status != statusGeneratorBound || s.CPUPerDeliveryUs != median(boundCPU) {
 				t.Errorf("generator-bound cell: %+v", s)
 			}
 		case never:
