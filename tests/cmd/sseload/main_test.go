@@ -1,0 +1,250 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestHistogramBuckets(t *testing.T) {
+	prev := -1
+	for _, us := range []uint64{0, 1, 127, 128, 129, 255, 256, 1000, 1 << 20, 1<<40 + 12345, 1<<63 + 5} {
+		i := bucketOf(us)
+		if i < prev || i >= histBuckets {
+			t.Fatalf("bucketOf(%d) = %d, previous %d", us, i, prev)
+		}
+		prev = i
+		ub := upperBound(i)
+		if ub < us || (us >= histLinear && float64(ub-us) > float64(us)/64) {
+			t.Errorf("value %d: bucket %d upper bound %d", us, i, ub)
+		}
+		if i > 0 && upperBound(i-1) >= us {
+			t.Errorf("value %d: previous bucket's upper bound %d is not below it", us, upperBound(i-1))
+		}
+	}
+}
+
+func TestHistogramQuantile(t *testing.T) {
+	var h histogram
+	for i := 1; i <= 1000; i++ {
+		h.record(time.Duration(i) * time.Millisecond)
+	}
+	for _, c := range []struct {
+		q    float64
+		want time.Duration
+	}{{0.5, 500 * time.Millisecond}, {0.99, 990 * time.Millisecond}, {1, time.Second}} {
+		got := h.quantile(c.q)
+		if got < c.want || float64(got-c.want) > float64(c.want)/64 {
+			t.Errorf("quantile(%v) = %v, want about %v", c.q, got, c.want)
+		}
+	}
+}
+
+func testLoad(gapFrom string, expect uint64) *load {
+	l := newLoad(&options{url: &url.URL{Scheme: "http", Host: "127.0.0.1:1", Path: "/"}, gapFrom: gapFrom, expectSeq: expect})
+	l.measuring.Store(true)
+	return l
+}
+
+// feedInPieces feeds stream to a new parser in pieces of the given size.
+func feedInPieces(t *testing.T, l *load, stream string, piece int) *clientResult {
+	t.Helper()
+	res := &clientResult{}
+	p := &eventParser{l: l, res: res}
+	b := []byte(stream)
+	for len(b) > 0 {
+		k := min(piece, len(b))
+		if err := p.feed(b[:k], time.Now()); err != nil {
+			t.Fatalf("feed: %v", err)
+		}
+		b = b[k:]
+	}
+	return res
+}
+
+func TestParserWhateverTheReadSizes(t *testing.T) {
+	ts := time.Now().Add(-5 * time.Millisecond).UnixNano()
+	stream := ": hi\r\n" +
+		"id: 1\ndata: {\"ts\":" + strconv.FormatInt(ts, 10) + "}\n\n" +
+		"id: 2\ndata: a\ndata: b\n\n" +
+		"id: 5\nretry: 10\ndata: x\n\n" + // gap of 2
+		"id: 5\n\n" + // id-only block: no event
+		"id: 4\ndata: y\r\n\r\n" + // repeat
+		"data: " + strings.Repeat("z", 40000) + "\n\n" // no id: no sequence number
+	for _, piece := range []int{1, 2, 3, 7, 64, 4096, len(stream)} {
+		l := testLoad(gapFromID, 0)
+		res := feedInPieces(t, l, stream, piece)
+		if res.events != 5 || res.missing != 2 || res.repeats != 1 {
+			t.Errorf("pieces of %d: got %+v", piece, res)
+		}
+		if l.lat.count() != 1 || l.lat.quantile(0.5) < 5*time.Millisecond {
+			t.Errorf("pieces of %d: latency: %d samples, p50 %v", piece, l.lat.count(), l.lat.quantile(0.5))
+		}
+	}
+}
+
+func TestParserLineTooLong(t *testing.T) {
+	l := testLoad(gapFromID, 0)
+	p := &eventParser{l: l, res: &clientResult{}}
+	chunk := bytes.Repeat([]byte("x"), 64<<10)
+	var err error
+	for i := 0; i < 2*maxLineLen/len(chunk) && err == nil; i++ {
+		err = p.feed(chunk, time.Now())
+	}
+	if err != errLineTooLong {
+		t.Fatalf("a line without end: %v, want %v", err, errLineTooLong)
+	}
+}
+
+// sseEvents makes events whose data carries seq (and a ts), with ids that
+// are not numbers, as nchan sends them.
+func sseEvents(seqs ...int) string {
+	var b strings.Builder
+	for _, s := range seqs {
+		fmt.Fprintf(&b, "id: 1700000000:%d\ndata: {\"ts\":%d,\"seq\":%d,\"pad\":\"xx\"}\n\n", s, time.Now().UnixNano(), s)
+	}
+	return b.String()
+}
+
+func TestSequenceFromData(t *testing.T) {
+	stream := sseEvents(3, 4, 7, 7, 8)
+	res := feedInPieces(t, testLoad(gapFromSeq, 0), stream, 5)
+	if res.events != 5 || res.missing != 2 || res.repeats != 1 {
+		t.Errorf("gap-from seq: got %+v", res)
+	}
+	if lost, got := res.lost(0); lost != res.missing || got != res.events {
+		t.Errorf("lost(0) = %d, %d", lost, got)
+	}
+	res = feedInPieces(t, testLoad(gapFromID, 0), stream, 5)
+	if res.missing != 0 || res.repeats != 0 || res.seqSeen {
+		t.Errorf("gap-from id with non-numeric ids: got %+v", res)
+	}
+}
+
+func TestExpectSeq(t *testing.T) {
+	const expect = 6
+	l := testLoad(gapFromSeq, expect)
+	partial := feedInPieces(t, l, sseEvents(2, 3, 3, 5), 9)
+	if lost, got := partial.lost(expect); lost != expect-3 || got != 3 || partial.complete {
+		t.Errorf("partial: lost %d, got %d, %+v", lost, got, partial)
+	}
+	whole := feedInPieces(t, l, sseEvents(1, 2, 3, 4, 5, 6, 7), 9)
+	if lost, got := whole.lost(expect); lost != 0 || got != expect || !whole.complete {
+		t.Errorf("whole: lost %d, got %d, %+v", lost, got, whole)
+	}
+	if l.complete.Load() != 1 {
+		t.Errorf("complete clients %d, want 1", l.complete.Load())
+	}
+}
+
+func TestChunkDecoder(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	body := []byte(sseEvents(1, 2, 3, 4, 5, 6, 7, 8, 9, 10))
+	var wire bytes.Buffer
+	w := httputil.NewChunkedWriter(&wire)
+	for rest := body; len(rest) > 0; {
+		k := min(1+rng.IntN(100), len(rest))
+		w.Write(rest[:k])
+		rest = rest[k:]
+	}
+	w.Close()
+	wire.WriteString("\r\n") // end of the (empty) trailer
+	wire.WriteString("garbage after the end")
+	for _, piece := range []int{1, 2, 5, 17, 512, wire.Len()} {
+		var dec chunkDecoder
+		var got []byte
+		in := bytes.Clone(wire.Bytes())
+		var err error
+		for len(in) > 0 && err == nil {
+			k := min(piece, len(in))
+			var out []byte
+			out, err = dec.decode(in[:k])
+			got = append(got, out...)
+			in = in[k:]
+		}
+		if err != io.EOF || !bytes.Equal(got, body) {
+			t.Errorf("pieces of %d: err %v, body equal %v", piece, err, bytes.Equal(got, body))
+		}
+	}
+	for _, bad := range []string{"zz\r\n", "\r\n", "3\r\nabcX", "1234567890abcdef0\r\n"} {
+		var dec chunkDecoder
+		if _, err := dec.decode([]byte(bad)); err != errBadChunk {
+			t.Errorf("decode(%q) = %v, want %v", bad, err, errBadChunk)
+		}
+	}
+}
+
+// eventServer streams count events (seq 1..count), every interval, to
+// each client, as the benchmark origin does.
+func eventServer(count int, interval time.Duration) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/event-stream")
+		rc := http.NewResponseController(w)
+		rc.Flush()
+		for i := 1; i <= count; i++ {
+			select {
+			case <-r.Context().Done():
+				return
+			case <-time.After(interval):
+			}
+			fmt.Fprintf(w, "id: %d\ndata: {\"ts\":%d,\"seq\":%d}\n\n", i, time.Now().UnixNano(), i)
+			rc.Flush()
+		}
+		<-r.Context().Done()
+	})
+}
+
+func TestRunAgainstAServer(t *testing.T) {
+	const clients, events = 20, 10
+	plain := httptest.NewServer(eventServer(events, 20*time.Millisecond))
+	defer plain.Close()
+	secure := httptest.NewUnstartedServer(eventServer(events, 20*time.Millisecond))
+	secure.EnableHTTP2 = true
+	secure.StartTLS()
+	defer secure.Close()
+	for _, c := range []struct {
+		name, url, reader string
+		http2             bool
+	}{
+		{"h1 epoll", plain.URL, readerEpoll, false},
+		{"h1 goroutine", plain.URL, readerGoroutine, false},
+		{"h1 tls", secure.URL, readerEpoll, false},
+		{"h2 tls", secure.URL, readerEpoll, true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			args := []string{"-url", c.url + "/s", "-clients", strconv.Itoa(clients), "-duration", "20s",
+				"-reader", c.reader, "-expect-seq", strconv.Itoa(events), "-sync", "-gap-from", "seq"}
+			if c.http2 {
+				args = append(args, "-http2")
+			}
+			opts, err := parseFlags(args)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var out bytes.Buffer
+			res, err := run(context.Background(), opts, &out, strings.NewReader("\n"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if res.Connected != clients || res.CompleteClients != clients || res.LostEvents != 0 || res.EventsTotal != clients*events {
+				t.Errorf("got %+v", res)
+			}
+			if res.LatencySamples == 0 || res.LatencyP50ms <= 0 {
+				t.Errorf("no latency measured: %+v", res)
+			}
+			if out.String() != "sseload: window-start\nsseload: window-end\n" {
+				t.Errorf("sync lines: %q", out.String())
+			}
+		})
+	}
+}
