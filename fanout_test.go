@@ -8,8 +8,6 @@ import (
 	"sync"
 	"testing"
 	"time"
-
-	"github.com/caddyserver/caddy/v2"
 )
 
 // End-to-end tests: a real Caddy loaded from a Caddyfile, a real origin on
@@ -593,32 +591,12 @@ func TestHostileRequestsAndRedirects(t *testing.T) {
 func TestHTTP2IdleStreamSurvivesWriteTimeout(t *testing.T) {
 	leakCheck(t)
 	o := newOrigin(t)
-	port := freePort(t)
-	loadCaddyfile(t, fmt.Sprintf(`{
-	admin off
-	auto_https off
-	persist_config off
-	grace_period 2s
-	servers {
-		protocols h1 h2c
-	}
-}
-http://127.0.0.1:%d {
-	bind 127.0.0.1
-	sse_fanout %s {
+	base := startCaddyWith(t, "protocols h1 h2c", "sse_fanout "+o.URL+` {
 		write_timeout 1s
 		keepalive off
 		linger 100ms
-	}
-}
-`, port, o.URL))
-	t.Cleanup(func() { _ = caddy.Stop() })
-	base := fmt.Sprintf("http://127.0.0.1:%d", port)
-	waitUp(t, base)
-
-	h2c := &http.Transport{Protocols: new(http.Protocols)}
-	h2c.Protocols.SetUnencryptedHTTP2(true)
-	defer h2c.CloseIdleConnections()
+	}`)
+	h2c := newH2CTransport(t)
 	c, err := tryConnect(h2c, base+"/h2", nil)
 	if err != nil {
 		t.Fatal(err)

@@ -64,26 +64,50 @@ func tryLoadCaddyfile(src string) error {
 // Caddy when the test ends. body is the site block's content.
 func startCaddy(t testing.TB, body string) (base string) {
 	t.Helper()
+	return startCaddyWith(t, "", body)
+}
+
+func caddyfileFor(port int, body string) string {
+	return caddyfileWith(port, "", body)
+}
+
+// caddyfileWith is caddyfileFor with options for the site's server (the
+// content of the global servers block: protocols, trusted_proxies...).
+func caddyfileWith(port int, servers, body string) string {
+	if servers != "" {
+		servers = "\tservers {\n\t\t" + servers + "\n\t}\n"
+	}
+	return fmt.Sprintf(`{
+	admin off
+	auto_https off
+	persist_config off
+	grace_period 2s
+%s}
+http://127.0.0.1:%d {
+	bind 127.0.0.1
+	%s
+}
+`, servers, port, body)
+}
+
+// startCaddyWith is startCaddy with options for the site's server.
+func startCaddyWith(t testing.TB, servers, body string) (base string) {
+	t.Helper()
 	port := freePort(t)
-	loadCaddyfile(t, caddyfileFor(port, body))
+	loadCaddyfile(t, caddyfileWith(port, servers, body))
 	t.Cleanup(func() { _ = caddy.Stop() })
 	base = fmt.Sprintf("http://127.0.0.1:%d", port)
 	waitUp(t, base)
 	return base
 }
 
-func caddyfileFor(port int, body string) string {
-	return fmt.Sprintf(`{
-	admin off
-	auto_https off
-	persist_config off
-	grace_period 2s
-}
-http://127.0.0.1:%d {
-	bind 127.0.0.1
-	%s
-}
-`, port, body)
+// newH2CTransport returns a client transport that speaks HTTP/2 without
+// TLS (h2c); its connections close at the test's end.
+func newH2CTransport(t testing.TB) *http.Transport {
+	h2c := &http.Transport{Protocols: new(http.Protocols)}
+	h2c.Protocols.SetUnencryptedHTTP2(true)
+	t.Cleanup(h2c.CloseIdleConnections)
+	return h2c
 }
 
 // waitUp waits until something answers on base.

@@ -2,7 +2,6 @@ package ssefanout
 
 import (
 	"encoding/json"
-	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -12,8 +11,6 @@ import (
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/caddyserver/caddy/v2"
 )
 
 // scrape returns what Caddy's metrics handler at base+path serves.
@@ -107,15 +104,8 @@ func metricValue(t testing.TB, body, series string) float64 {
 func TestMetricsAgainstKnownLoad(t *testing.T) {
 	leakCheck(t)
 	o := newOrigin(t)
-	port := freePort(t)
-	loadCaddyfile(t, strings.Replace(caddyfileFor(port, statusSite(o.URL, "")), "grace_period 2s",
-		"grace_period 2s\n\tservers {\n\t\tprotocols h1 h2c\n\t}", 1))
-	t.Cleanup(func() { _ = caddy.Stop() })
-	base := fmt.Sprintf("http://127.0.0.1:%d", port)
-	waitUp(t, base)
-	h2c := &http.Transport{Protocols: new(http.Protocols)}
-	h2c.Protocols.SetUnencryptedHTTP2(true)
-	defer h2c.CloseIdleConnections()
+	base := startCaddyWith(t, "protocols h1 h2c", statusSite(o.URL, ""))
+	h2c := newH2CTransport(t)
 
 	before := scrape(t, base+"/metrics")
 	const n, k = 16, 64 // n×k deliveries, n×k/64 lag samples

@@ -207,15 +207,7 @@ func TestStatusLoopbackOnly(t *testing.T) {
 		{"remote allowed", "trusted_proxies static 127.0.0.0/8", "{\n allow_remote\n }", "203.0.113.9", 200},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			port := freePort(t)
-			src := caddyfileFor(port, statusSite(o.URL, tc.opts))
-			if tc.global != "" {
-				src = strings.Replace(src, "grace_period 2s", "grace_period 2s\n\tservers {\n\t\t"+tc.global+"\n\t}", 1)
-			}
-			loadCaddyfile(t, src)
-			t.Cleanup(func() { _ = caddy.Stop() })
-			base := fmt.Sprintf("http://127.0.0.1:%d", port)
-			waitUp(t, base)
+			base := startCaddyWith(t, tc.global, statusSite(o.URL, tc.opts))
 			hdr := http.Header{}
 			if tc.forwardedFor != "" {
 				hdr.Set("X-Forwarded-For", tc.forwardedFor)
