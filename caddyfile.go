@@ -17,9 +17,14 @@ import (
 )
 
 func init() {
+	httpcaddyfile.RegisterHandlerDirective("sse_fanout_status", parseStatusCaddyfile)
 	httpcaddyfile.RegisterHandlerDirective("sse_fanout", parseCaddyfile)
-	// sse_fanout answers the request, like reverse_proxy: run it at the
-	// same point, so that no global order option is needed.
+	// Both answer the request, like reverse_proxy: they run at the same
+	// point, so that no global order option is needed. Each is put right
+	// before reverse_proxy, so the one registered first comes first:
+	// the status page, mounted on a path of its own, wins over a
+	// catch-all sse_fanout.
+	httpcaddyfile.RegisterDirectiveOrder("sse_fanout_status", httpcaddyfile.Before, "reverse_proxy")
 	httpcaddyfile.RegisterDirectiveOrder("sse_fanout", httpcaddyfile.Before, "reverse_proxy")
 }
 

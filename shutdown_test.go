@@ -58,6 +58,7 @@ func TestProcessStopEndsStreams(t *testing.T) {
 }
 http://127.0.0.1:%d {
 	bind 127.0.0.1
+	sse_fanout_status /status
 	sse_fanout %s
 }
 `, admin, port, o.URL)
@@ -101,11 +102,19 @@ http://127.0.0.1:%d {
 				t.Cleanup(c.close)
 				clients = append(clients, c)
 			}
+			// a status page viewer: its stream must end too
+			status, err := tryConnect(rt, base+"/status", nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(status.close)
+			clients = append(clients, status)
 			o.waitOpen(t, "/live", 1, 5*time.Second)
 			o.send("/live", ev(1, "hello"))
-			for _, c := range clients {
+			for _, c := range clients[:n] {
 				c.waitFor(t, ev(1, "hello"), 10*time.Second)
 			}
+			status.waitFor(t, `"clients":100`, 10*time.Second)
 
 			// a busy stream: clients with events pending must see the stop too
 			pub := startPublisher(o, "/live", time.Millisecond)
@@ -134,7 +143,7 @@ http://127.0.0.1:%d {
 					t.Fatalf("client %d: stream did not end cleanly: %v", i, c.err)
 				}
 			}
-			t.Logf("%s: exited after %v, all %d streams ended cleanly", how, took.Round(time.Millisecond), n)
+			t.Logf("%s: exited after %v, all %d streams and the status page's ended cleanly", how, took.Round(time.Millisecond), n)
 		})
 	}
 }

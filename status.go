@@ -21,9 +21,8 @@ import (
 
 func init() {
 	caddy.RegisterModule(new(StatusPage))
-	httpcaddyfile.RegisterHandlerDirective("sse_fanout_status", parseStatusCaddyfile)
-	// The page answers the request, like reverse_proxy and sse_fanout.
-	httpcaddyfile.RegisterDirectiveOrder("sse_fanout_status", httpcaddyfile.Before, "reverse_proxy")
+	// the directive is registered with sse_fanout's, in caddyfile.go, so
+	// that its order comes first
 }
 
 // statusHTML is the page: self-contained (no external assets), it reads

@@ -13,6 +13,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 )
 
 // statusSite is a site with fanned-out streams under /s/ and the status
@@ -297,9 +298,19 @@ func TestStatusCaddyfile(t *testing.T) {
 			t.Errorf("%q: allow_remote %v", tc.input, p.AllowRemote)
 		}
 	}
+	// the page runs before a catch-all sse_fanout, whatever the order in
+	// the site
+	cfg, _, err := caddyfile.Adapter{ServerType: httpcaddyfile.ServerType{}}.Adapt(
+		[]byte("http://127.0.0.1:1 {\n sse_fanout http://127.0.0.1:2\n sse_fanout_status /status\n}"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s, f := strings.Index(string(cfg), `"handler":"sse_fanout_status"`), strings.Index(string(cfg), `"handler":"sse_fanout"`); s < 0 || f < 0 || s > f {
+		t.Fatalf("the status page is not routed before sse_fanout: %s", cfg)
+	}
 	// through the adapter, the matcher is the directive's
 	port := freePort(t)
-	err := tryLoadCaddyfile(caddyfileFor(port, "sse_fanout_status /status extra"))
+	err = tryLoadCaddyfile(caddyfileFor(port, "sse_fanout_status /status extra"))
 	if err == nil || !strings.Contains(err.Error(), `unexpected argument "extra"`) || !strings.Contains(err.Error(), "Caddyfile:9") {
 		t.Fatalf("load error %v, want the extra argument at Caddyfile:9", err)
 	}
