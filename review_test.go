@@ -1,8 +1,16 @@
 package ssefanout
 
 import (
+	"context"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"strings"
 	"testing"
 	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 
 	dto "github.com/prometheus/client_model/go"
 )
@@ -36,4 +44,70 @@ func TestUpstreamDurationObservedWhenStreamCloses(t *testing.T) {
 	eventually(t, 2*time.Second, func() bool { return histCount(t, metrics.upstreamUptime) == before+1 }, func() string {
 		return "upstream_connection_duration_seconds was not observed when the stream closed"
 	})
+}
+
+// The page is for this host's own clients: a client_ip of loopback is not
+// enough when the connection came from another host (that proxy's
+// loopback, or a forged X-Forwarded-For it passed on), nor when a trusted
+// proxy forwarded for a remote address that Caddy's client_ip skipped
+// (the left-most forged entry without trusted_proxies_strict, or every
+// hop in a trusted range with it).
+func TestStatusLoopbackNotForgedThroughProxies(t *testing.T) {
+	req := func(remote, clientIP string, trusted bool, xff string) *http.Request {
+		r := httptest.NewRequest(http.MethodGet, "/status", nil)
+		r.RemoteAddr = remote
+		if xff != "" {
+			r.Header.Set("X-Forwarded-For", xff)
+		}
+		vars := map[string]any{caddyhttp.ClientIPVarKey: clientIP, caddyhttp.TrustedProxyVarKey: trusted}
+		return r.WithContext(context.WithValue(r.Context(), caddyhttp.VarsCtxKey, vars))
+	}
+	for _, tc := range []struct {
+		name string
+		r    *http.Request
+		want bool
+	}{
+		{"loopback", req("127.0.0.1:5000", "127.0.0.1", false, ""), true},
+		{"IPv6 loopback", req("[::1]:5000", "::1", false, ""), true},
+		{"IPv4-mapped loopback", req("[::ffff:127.0.0.1]:5000", "::ffff:127.0.0.1", false, ""), true},
+		{"local proxy for a local client", req("127.0.0.1:5000", "127.0.0.1", true, "127.0.0.1"), true},
+		{"remote proxy forwarding its own loopback", req("10.0.0.2:5000", "127.0.0.1", true, "127.0.0.1"), false},
+		{"local proxy, forged left-most entry", req("127.0.0.1:5000", "127.0.0.1", true, "127.0.0.1, 203.0.113.9"), false},
+		{"local proxy, a trusted LAN client (strict)", req("127.0.0.1:5000", "127.0.0.1", true, "10.1.2.3"), false},
+		{"remote peer", req("203.0.113.9:5000", "203.0.113.9", false, ""), false},
+		{"no client_ip, loopback peer", req("127.0.0.1:5000", "", false, ""), true},
+		{"unix socket without trusted_proxies_unix", req("@", "", false, ""), false},
+	} {
+		if got := fromLoopback(tc.r); got != tc.want {
+			t.Errorf("%s: fromLoopback = %v, want %v", tc.name, got, tc.want)
+		}
+	}
+}
+
+// Through a real Caddy: a trusted local proxy passes a client's forged
+// X-Forwarded-For on (Caddy takes its left-most entry without
+// trusted_proxies_strict), and with trusted_proxies_strict a client in a
+// trusted range is reported as the proxy's own loopback address.
+func TestStatusLoopbackForgedXFFThroughTrustedProxy(t *testing.T) {
+	leakCheck(t)
+	o := newOrigin(t)
+	for _, tc := range []struct {
+		name, global, forwardedFor string
+	}{
+		{"forged left-most entry", "trusted_proxies static 127.0.0.0/8", "127.0.0.1, 203.0.113.9"},
+		{"LAN client, strict", "trusted_proxies static private_ranges\n\t\ttrusted_proxies_strict", "10.1.2.3"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			port := freePort(t)
+			src := strings.Replace(caddyfileFor(port, statusSite(o.URL, "")), "grace_period 2s", "grace_period 2s\n\tservers {\n\t\t"+tc.global+"\n\t}", 1)
+			loadCaddyfile(t, src)
+			t.Cleanup(func() { _ = caddy.Stop() })
+			base := fmt.Sprintf("http://127.0.0.1:%d", port)
+			waitUp(t, base)
+			_, resp := getStatus(t, base+"/status", http.Header{"X-Forwarded-For": {tc.forwardedFor}})
+			if resp.StatusCode != http.StatusForbidden {
+				t.Fatalf("a client forwarded as %q got %d, want 403", tc.forwardedFor, resp.StatusCode)
+			}
+		})
+	}
 }
