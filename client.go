@@ -96,6 +96,7 @@ func (h *Handler) serveClient(w http.ResponseWriter, r *http.Request, s *stream,
 	if err := c.write(prelude); err != nil {
 		return false
 	}
+	s.stats.wrote(len(prelude))
 	if c.hijack(r) {
 		c.runOwn()
 		return true
@@ -490,12 +491,14 @@ func (c *client) startLive(reason string) (end string) {
 	if idBlock == nil {
 		return ""
 	}
+	n := len(idBlock)
 	if c.sock != nil {
 		idBlock, _ = frameOf(idBlock)
 	}
 	if err := c.write(idBlock); err != nil {
 		return writeEnd(err)
 	}
+	s.stats.wrote(n)
 	return ""
 }
 

@@ -111,3 +111,40 @@ func TestStatusLoopbackForgedXFFThroughTrustedProxy(t *testing.T) {
 		})
 	}
 }
+
+// bytes_sent counts every event-stream byte written to clients after
+// their heads: a late client's first write (the origin's retry and the
+// committed id) and the id a client resuming live with a gap gets count as
+// much as events. The stream's count equals what its clients read.
+func TestBytesSentCountsPreludes(t *testing.T) {
+	leakCheck(t)
+	o := newOrigin(t)
+	base := startCaddy(t, `sse_fanout /s/* `+o.URL+` {
+		keepalive 1m
+		max_catch_ups off
+	}`)
+	const path = "/s/prelude"
+	first := connect(t, base+path, nil)
+	o.waitOpen(t, path, 1, 5*time.Second)
+	o.send(path, "retry: 1500\n\n")
+	o.send(path, ev(1, "x"))
+	first.waitFor(t, ev(1, "x"), 5*time.Second)
+	late := connect(t, base+path, nil)                                      // gets retry and id 1 first
+	gap := connect(t, base+path, http.Header{"Last-Event-ID": {"unknown"}}) // live with a gap: gets id 1 first
+	late.waitFor(t, "id: 1\n", 5*time.Second)
+	gap.waitFor(t, "id: 1\n", 5*time.Second)
+	o.send(path, ev(2, "y"))
+	cs := []*sseClient{first, late, gap}
+	for _, c := range cs {
+		c.waitFor(t, ev(2, "y"), 5*time.Second)
+	}
+	s := findStream(t, path)
+	var read uint64
+	for _, c := range cs {
+		read += uint64(len(c.bytes()))
+	}
+	eventually(t, 2*time.Second, func() bool { return s.stats.bytes.Load() == read }, func() string {
+		return fmt.Sprintf("the stream counted %d bytes sent, its clients read %d (%q, %q, %q)",
+			s.stats.bytes.Load(), read, first.bytes(), late.bytes(), gap.bytes())
+	})
+}
