@@ -388,7 +388,13 @@ func (c *client) loop(done <-chan struct{}) (end string) {
 		if len(out) > 0 {
 			err := c.write(out)
 			if err == nil {
-				s.stats.delivered(b.tally)
+				t := b.tally
+				if c.cursor < c.arrived {
+					// replayed or resumed from the history: published
+					// before the client came, no delivery lag to sample
+					t.at = 0
+				}
+				s.stats.delivered(t)
 			}
 			if b.coalesced {
 				if cap(out) <= 2*maxBatch {

@@ -148,3 +148,37 @@ func TestBytesSentCountsPreludes(t *testing.T) {
 			s.stats.bytes.Load(), read, first.bytes(), late.bytes(), gap.bytes())
 	})
 }
+
+// The delivery lag measures how long the proxy takes to pass live events
+// on, not how long a client was away: events a resuming client gets from
+// the history (published before it came back) are not lag samples, as
+// those of a catch-up are not.
+func TestLagExcludesHistoryResumes(t *testing.T) {
+	leakCheck(t)
+	o := newOrigin(t)
+	base := startCaddy(t, `sse_fanout /s/* `+o.URL+` {
+		keepalive 1m
+	}`)
+	const path = "/s/lag"
+	const k = 2 * lagSampleEvery
+	live := connect(t, base+path, nil)
+	o.waitOpen(t, path, 1, 5*time.Second)
+	for i := 1; i <= k; i++ {
+		o.send(path, ev(i, "x"))
+	}
+	live.waitFor(t, ev(k, "x"), 5*time.Second)
+	time.Sleep(time.Second) // the resuming client was away a second
+	back := connect(t, base+path, http.Header{"Last-Event-ID": {"1"}})
+	back.waitFor(t, ev(k, "x"), 5*time.Second)
+	s := findStream(t, path)
+	s.stats.lagMu.Lock()
+	defer s.stats.lagMu.Unlock()
+	if s.stats.lags == nil {
+		t.Fatal("no lag sample")
+	}
+	for i, lag := range s.stats.lags[:min(s.stats.lagN, lagSamples)] {
+		if lag >= 0.5 {
+			t.Errorf("lag sample %d is %.3fs: the time the client was away, not a delivery lag", i, lag)
+		}
+	}
+}
