@@ -1,8 +1,10 @@
 package ssefanout
 
 import (
+	"bufio"
 	"context"
 	"fmt"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -180,5 +182,32 @@ func TestLagExcludesHistoryResumes(t *testing.T) {
 		if lag >= 0.5 {
 			t.Errorf("lag sample %d is %.3fs: the time the client was away, not a delivery lag", i, lag)
 		}
+	}
+}
+
+// A HEAD request for the page's stream gets the stream's head and ends,
+// as the module's own streams do: it neither holds a viewer's place nor
+// keeps its connection from answering the next request.
+func TestStatusHeadStreamEnds(t *testing.T) {
+	leakCheck(t)
+	o := newOrigin(t)
+	base := startCaddy(t, statusSite(o.URL, ""))
+	addr := strings.TrimPrefix(base, "http://")
+	conn, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
+	fmt.Fprintf(conn, "HEAD /status HTTP/1.1\r\nHost: %s\r\nAccept: text/event-stream\r\n\r\n", addr)
+	br := bufio.NewReader(conn)
+	head, err := rawLines(br)
+	if err != nil || !strings.HasPrefix(head, "HTTP/1.1 200") || !strings.Contains(head, "text/event-stream") {
+		t.Fatalf("HEAD answered %q: %v", head, err)
+	}
+	fmt.Fprintf(conn, "GET /status?format=json HTTP/1.1\r\nHost: %s\r\n\r\n", addr)
+	next, err := rawLines(br)
+	if err != nil || !strings.HasPrefix(next, "HTTP/1.1 200") {
+		t.Fatalf("the request after the HEAD on the same connection got %q: %v", next, err)
 	}
 }

@@ -205,6 +205,9 @@ func (p *StatusPage) serveStream(w http.ResponseWriter, r *http.Request) error {
 	h.Set("Cache-Control", "no-cache, no-transform")
 	h.Del("Vary")
 	w.WriteHeader(http.StatusOK)
+	if r.Method == http.MethodHead {
+		return nil // the head alone: a HEAD's stream would never end
+	}
 	rc := http.NewResponseController(w)
 	write := func(parts ...[]byte) bool {
 		_ = rc.SetWriteDeadline(time.Now().Add(10 * time.Second))
