@@ -576,6 +576,9 @@ func (c *client) write(p []byte) error {
 		}
 	}
 	if err := c.rc.Flush(); err != nil {
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			c.s.stats.drop(dropWriteTimeout) // buffered writes time out here
+		}
 		c.debug("flush to client failed")
 		return err
 	}

@@ -7,12 +7,14 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
 
 	dto "github.com/prometheus/client_model/go"
 )
@@ -238,5 +240,29 @@ func TestFastPathStripsALoneRetryLine(t *testing.T) {
 	}
 	if got := s.stats.bytes.Load(); got != uint64(len(c.bytes())) {
 		t.Fatalf("the stream counted %d bytes sent, the client read %d", got, len(c.bytes()))
+	}
+}
+
+// deadlineFlusher is a net/http response whose writes are buffered and
+// whose flush fails on a passed write deadline, as TLS HTTP/1.1's does
+// for an event smaller than its buffer.
+type deadlineFlusher struct{ httptest.ResponseRecorder }
+
+func (*deadlineFlusher) FlushError() error                { return os.ErrDeadlineExceeded }
+func (*deadlineFlusher) SetWriteDeadline(time.Time) error { return nil }
+
+// A client served through net/http whose flush runs out of write_timeout
+// is dropped for write_timeout, and counted so, as one whose write did.
+func TestWriteTimeoutOnFlushCounts(t *testing.T) {
+	h := &Handler{WriteTimeout: caddy.Duration(time.Second), logger: zap.NewNop()}
+	s := &stream{name: "x"}
+	w := &deadlineFlusher{}
+	c := &client{h: h, s: s, w: w, rc: http.NewResponseController(w)}
+	err := c.write([]byte("data: x\n\n"))
+	if writeEnd(err) != endWriteTimeout {
+		t.Fatalf("write ended %q (%v), want %q", writeEnd(err), err, endWriteTimeout)
+	}
+	if n := s.stats.dropped[dropWriteTimeout].Load(); n != 1 {
+		t.Fatalf("%d write_timeout drops counted, want 1", n)
 	}
 }
