@@ -4,10 +4,12 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"hash/fnv"
 	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -264,5 +266,23 @@ func TestWriteTimeoutOnFlushCounts(t *testing.T) {
 	}
 	if n := s.stats.dropped[dropWriteTimeout].Load(); n != 1 {
 		t.Fatalf("%d write_timeout drops counted, want 1", n)
+	}
+}
+
+// A stream's name, on the status page, in the admin view and in the logs,
+// does not let a viewer confirm a guess of its path, query or vary values
+// (a tenant's name, a user id): it is not a public function of the key,
+// such as the unkeyed FNV-1a the names were.
+func TestStreamNameNotComputableFromAGuessedKey(t *testing.T) {
+	leakCheck(t)
+	o := newOrigin(t)
+	base := startCaddy(t, statusSite(o.URL, ""))
+	connect(t, base+"/s/tenant-42", nil)
+	s := findStream(t, "/base/tenant-42")
+	rep := waitStatus(t, base+"/status", func(r statusReport) bool { return len(r.Shown) == 1 })
+	guess := fnv.New64a()
+	_, _ = guess.Write([]byte(s.key)) // the key as the code builds it from a guessed URL
+	if shown := rep.Shown[0].Stream; shown == strconv.FormatUint(guess.Sum64(), 16) {
+		t.Fatalf("the stream's name %s is the FNV-1a of its key: anyone can confirm a guessed tenant", shown)
 	}
 }
