@@ -16,6 +16,8 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/zap"
 
 	dto "github.com/prometheus/client_model/go"
@@ -284,5 +286,42 @@ func TestStreamNameNotComputableFromAGuessedKey(t *testing.T) {
 	_, _ = guess.Write([]byte(s.key)) // the key as the code builds it from a guessed URL
 	if shown := rep.Shown[0].Stream; shown == strconv.FormatUint(guess.Sum64(), 16) {
 		t.Fatalf("the stream's name %s is the FNV-1a of its key: anyone can confirm a guessed tenant", shown)
+	}
+}
+
+// logMsg is a log message as a follower's consumer delivers it.
+type logMsg struct {
+	jetstream.Msg
+	hdr  nats.Header
+	data []byte
+}
+
+func (m *logMsg) Headers() nats.Header { return m.hdr }
+func (m *logMsg) Data() []byte         { return m.data }
+
+// A node that opens a clustered stream loads the log's past, where the
+// holder's reconnects are answers (live, retrying, live): replaying them
+// ends no upstream connection now, and must not be observed as
+// connections of no duration.
+//
+// Known defect, not fixed here (see the review report): run with
+// SSEFANOUT_KNOWN_DEFECTS=1 to see it fail.
+func TestClusterLoadObservesNoUpstreamDuration(t *testing.T) {
+	if os.Getenv("SSEFANOUT_KNOWN_DEFECTS") == "" {
+		t.Skip("known defect: a follower's log load observes the past's answers as upstream connections")
+	}
+	s := &stream{name: "x", ready: make(chan struct{})}
+	c := &clusterSource{s: s, digest: "d", progress: make(chan struct{}, 1)}
+	before := histCount(t, metrics.upstreamUptime)
+	for i, st := range []streamState{stateLive, stateRetrying, stateLive, stateRetrying, stateLive} {
+		a := answer{state: st}
+		msg := &logMsg{hdr: nats.Header{hdrDigest: {"d"}}, data: appendRecord(nil, logRecord{answer: &a})}
+		c.apply(msg, &jetstream.MsgMetadata{Sequence: jetstream.SequencePair{Stream: uint64(i + 1)}}, s, "", true)
+	}
+	if n := histCount(t, metrics.upstreamUptime) - before; n != 0 {
+		t.Fatalf("loading the log's past observed %d upstream connection durations", n)
+	}
+	if s.stats.liveSince.Load() == 0 {
+		t.Fatal("the stream is not live after the log's last answer (live)")
 	}
 }
