@@ -325,3 +325,35 @@ func TestClusterLoadObservesNoUpstreamDuration(t *testing.T) {
 		t.Fatal("the stream is not live after the log's last answer (live)")
 	}
 }
+
+// DNS rebinding: a web page of another site, once its name resolves to
+// 127.0.0.1, reads a loopback-only page from the victim's own browser,
+// which connects from loopback. On a site without a host (":8080"), any
+// Host reaches the handler; the page should answer only Hosts that name
+// this host (localhost, a loopback address), as Caddy's admin API does.
+//
+// Known defect, not fixed here (see the review report): run with
+// SSEFANOUT_KNOWN_DEFECTS=1 to see it fail.
+func TestStatusRefusesARebindingHost(t *testing.T) {
+	if os.Getenv("SSEFANOUT_KNOWN_DEFECTS") == "" {
+		t.Skip("known defect: the loopback-only page answers any Host (DNS rebinding)")
+	}
+	leakCheck(t)
+	o := newOrigin(t)
+	port := freePort(t)
+	src := strings.Replace(caddyfileFor(port, statusSite(o.URL, "")), fmt.Sprintf("http://127.0.0.1:%d {", port), fmt.Sprintf("http://:%d {", port), 1)
+	loadCaddyfile(t, src)
+	t.Cleanup(func() { _ = caddy.Stop() })
+	base := fmt.Sprintf("http://127.0.0.1:%d", port)
+	waitUp(t, base)
+	req, _ := http.NewRequest(http.MethodGet, base+"/status?format=json", nil)
+	req.Host = fmt.Sprintf("rebind.attacker.example:%d", port)
+	resp, err := sharedTransport.RoundTrip(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode == http.StatusOK {
+		t.Fatalf("a request for Host %s (a rebound name) got the report", req.Host)
+	}
+}
