@@ -96,6 +96,7 @@ func (h *Handler) serveClient(w http.ResponseWriter, r *http.Request, s *stream,
 	if err := c.write(prelude); err != nil {
 		return false
 	}
+	s.stats.wrote(len(prelude))
 	if c.hijack(r) {
 		c.runOwn()
 		return true
@@ -387,7 +388,13 @@ func (c *client) loop(done <-chan struct{}) (end string) {
 		if len(out) > 0 {
 			err := c.write(out)
 			if err == nil {
-				s.stats.delivered(b.tally)
+				t := b.tally
+				if c.cursor < c.arrived {
+					// replayed or resumed from the history: published
+					// before the client came, no delivery lag to sample
+					t.at = 0
+				}
+				s.stats.delivered(t)
 			}
 			if b.coalesced {
 				if cap(out) <= 2*maxBatch {
@@ -490,12 +497,14 @@ func (c *client) startLive(reason string) (end string) {
 	if idBlock == nil {
 		return ""
 	}
+	n := len(idBlock)
 	if c.sock != nil {
 		idBlock, _ = frameOf(idBlock)
 	}
 	if err := c.write(idBlock); err != nil {
 		return writeEnd(err)
 	}
+	s.stats.wrote(n)
 	return ""
 }
 
@@ -567,6 +576,9 @@ func (c *client) write(p []byte) error {
 		}
 	}
 	if err := c.rc.Flush(); err != nil {
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			c.s.stats.drop(dropWriteTimeout) // buffered writes time out here
+		}
 		c.debug("flush to client failed")
 		return err
 	}

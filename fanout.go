@@ -255,6 +255,9 @@ func (f *fanout) collect(cursor uint64) batch {
 	b := batch{all: all, shared: true, next: cursor, tally: t, retryBytes: retryBytes}
 	if sawRetry {
 		b.noRetry = noRetry
+		if b.noRetry == nil { // retry lines alone: nothing for those clients
+			b.noRetry = []byte{}
+		}
 	}
 	return b
 }
@@ -312,6 +315,12 @@ func (f *fanout) sendRange(part []*client, b batch, now time.Time) (kept, bytes 
 		p, t := b.all, b.tally
 		if b.noRetry != nil && c.h.Retry > 0 {
 			p, t.bytes = b.noRetry, t.bytes-b.retryBytes
+		}
+		if len(p) == 0 {
+			c.cursor = b.next // nothing to write: no write, no keepalive reset
+			part[kept] = c
+			kept++
+			continue
 		}
 		if f.send(c, p, b.shared, b.next, now, t) {
 			part[kept] = c

@@ -63,7 +63,7 @@ var metrics = struct {
 		"Bytes of events, ids, retry lines and keepalives written to clients after their response heads."),
 	deliveryLag: prometheus.NewHistogram(prometheus.HistogramOpts{
 		Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "delivery_lag_seconds",
-		Help:    "Time from an event's publication into its stream's history (right after it was read upstream, or applied from the cluster's log) to the end of its write to a client, for one delivery in 64 (sampled deterministically, so that it costs nothing measurable).",
+		Help:    "Time from an event's publication into its stream's history (right after it was read upstream, or applied from the cluster's log) to the end of its write to a client, for one delivery in 64 of events published while the client was connected (sampled deterministically, so that it costs nothing measurable).",
 		Buckets: prometheus.ExponentialBuckets(0.0005, 2, 15),
 	}),
 	upstreamUptime: prometheus.NewHistogram(prometheus.HistogramOpts{

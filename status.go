@@ -5,6 +5,7 @@ import (
 	"context"
 	_ "embed"
 	"encoding/json"
+	"net"
 	"net/http"
 	"net/netip"
 	"slices"
@@ -44,8 +45,8 @@ var statusHTML []byte
 // behind basic_auth (or forward_auth) then.
 type StatusPage struct {
 	// AllowRemote lets clients from other addresses than loopback see the
-	// page. The client address is Caddy's (trusted_proxies apply). Without
-	// it, others get 403. Default: off.
+	// page. Without it, only requests from this host are answered (see
+	// fromLoopback); others get 403. Default: off.
 	AllowRemote bool `json:"allow_remote,omitempty"`
 
 	sampler  *sampler
@@ -137,19 +138,53 @@ type errorString string
 
 func (e errorString) Error() string { return string(e) }
 
-// fromLoopback says whether the request's client address, as Caddy
-// determined it (trusted_proxies apply), is a loopback one.
+// fromLoopback says whether the request comes from this host: its peer
+// is a loopback address (or a unix socket), its client address as Caddy
+// determined it (trusted_proxies apply) is a loopback one, and, when it
+// came through a trusted proxy, so is every address in the server's
+// client IP headers. Caddy's client address alone is not enough: without
+// trusted_proxies_strict it is the left-most address of the header, which
+// the client writes; with it, a client in a trusted range is reported as
+// the proxy; and a remote proxy's loopback is not this host's.
 func fromLoopback(r *http.Request) bool {
+	peer, err := netip.ParseAddrPort(r.RemoteAddr)
+	switch {
+	case err == nil && !peer.Addr().Unmap().IsLoopback():
+		return false
+	case err != nil && r.RemoteAddr != "@": // "@": a unix socket
+		return false
+	}
 	addr, _ := caddyhttp.GetVar(r.Context(), caddyhttp.ClientIPVarKey).(string)
 	if addr == "" {
-		ap, err := netip.ParseAddrPort(r.RemoteAddr)
-		if err != nil {
-			return false
-		}
-		return ap.Addr().Unmap().IsLoopback()
+		return err == nil
 	}
-	ip, err := netip.ParseAddr(addr)
-	return err == nil && ip.Unmap().IsLoopback()
+	if ip, err := netip.ParseAddr(addr); err != nil || !ip.Unmap().IsLoopback() {
+		return false
+	}
+	if trusted, _ := caddyhttp.GetVar(r.Context(), caddyhttp.TrustedProxyVarKey).(bool); !trusted {
+		return true
+	}
+	headers := []string{"X-Forwarded-For"}
+	if srv, ok := r.Context().Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server); ok && srv != nil && len(srv.ClientIPHeaders) > 0 {
+		headers = srv.ClientIPHeaders
+	}
+	for _, name := range headers {
+		for _, v := range r.Header.Values(name) {
+			for part := range strings.SplitSeq(v, ",") {
+				if part = strings.TrimSpace(part); part == "" {
+					continue
+				}
+				if host, _, err := net.SplitHostPort(part); err == nil {
+					part = host
+				}
+				part, _, _ = strings.Cut(part, "%")
+				if ip, err := netip.ParseAddr(part); err != nil || !ip.Unmap().IsLoopback() {
+					return false
+				}
+			}
+		}
+	}
+	return true
 }
 
 // serveStream sends the latest report whole, then each new one without
@@ -169,6 +204,9 @@ func (p *StatusPage) serveStream(w http.ResponseWriter, r *http.Request) error {
 	h.Set("Cache-Control", "no-cache, no-transform")
 	h.Del("Vary")
 	w.WriteHeader(http.StatusOK)
+	if r.Method == http.MethodHead {
+		return nil // the head alone: a HEAD's stream would never end
+	}
 	rc := http.NewResponseController(w)
 	write := func(parts ...[]byte) bool {
 		_ = rc.SetWriteDeadline(time.Now().Add(10 * time.Second))

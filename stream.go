@@ -157,6 +157,7 @@ const maxPublishWait = time.Second
 // gives its final answer, then takes the stream out of its hub.
 func (s *stream) run() {
 	defer func() {
+		s.stats.live(false) // a live upstream ends with its stream
 		s.hub.remove(s)
 		close(s.done)
 		s.signal() // clients see done

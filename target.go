@@ -1,8 +1,11 @@
 package ssefanout
 
 import (
+	"crypto/hmac"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
-	"hash/fnv"
 	"net/http"
 	"net/url"
 	"strconv"
@@ -376,13 +379,22 @@ func appendLP(b []byte, s string) []byte {
 	return append(b, s...)
 }
 
-// keyHash is a short digest of a stream key for logs and the admin view,
-// which must never carry the URL or the vary values (credentials).
+// keyHash is a short digest of a stream key for logs, the admin view and
+// the status page, which must never carry the URL or the vary values
+// (credentials). It is keyed with a secret of the process: an unkeyed hash
+// would let anyone who sees it confirm a guessed path, tenant or value.
 func keyHash(key string) string {
-	f := fnv.New64a()
-	_, _ = f.Write([]byte(key))
-	return strconv.FormatUint(f.Sum64(), 16)
+	m := hmac.New(sha256.New, hashSecret)
+	_, _ = m.Write([]byte(key))
+	return hex.EncodeToString(m.Sum(nil)[:8])
 }
+
+// hashSecret keys keyHash; each process has its own.
+var hashSecret = func() []byte {
+	b := make([]byte, 32)
+	_, _ = rand.Read(b)
+	return b
+}()
 
 // lastID is a Last-Event-ID, a client's or a stream's committed one: an
 // empty id that was sent is not the same as none.
