@@ -462,7 +462,9 @@ func (c *clusterSource) apply(m jetstream.Msg, md *jetstream.MsgMetadata, sink s
 			if r.answer.final != nil && loading {
 				continue
 			}
-			sink.answer(*r.answer)
+			a := *r.answer
+			a.past = loading
+			sink.answer(a)
 			final = final || r.answer.final != nil
 			continue
 		}

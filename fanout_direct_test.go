@@ -372,3 +372,32 @@ http://127.0.0.1:%d {
 		t.Errorf("SO_SNDBUF of the h2c client's connection is %d, want client_send_buffer's 64KiB (doubled by Linux: %d)", sndbuf, 2*64<<10)
 	}
 }
+
+// A handler with its own retry strips the origin's retry lines on the fast
+// path too, also when a pass's batch is the origin's retry line alone, and
+// counts only what it wrote.
+func TestFastPathStripsALoneRetryLine(t *testing.T) {
+	leakCheck(t)
+	o := newOrigin(t)
+	base := startCaddy(t, `sse_fanout /s/* `+o.URL+` {
+		retry 5s
+		keepalive 1m
+	}`)
+	const path = "/s/retry"
+	c := connect(t, base+path, nil)
+	o.waitOpen(t, path, 1, 5*time.Second)
+	o.send(path, ev(1, "x"))
+	c.waitFor(t, ev(1, "x"), 5*time.Second)
+	s := findStream(t, path)
+	eventually(t, 5*time.Second, func() bool { return s.fan.active.Load() }, func() string { return "the client never reached the fast path" })
+	o.send(path, "retry: 1500\n\n")
+	time.Sleep(300 * time.Millisecond) // a pass of its own
+	o.send(path, ev(2, "y"))
+	c.waitFor(t, ev(2, "y"), 5*time.Second)
+	if strings.Contains(c.bytes(), "retry: 1500") {
+		t.Fatalf("the origin's retry reached a client of a handler with its own: %q", c.bytes())
+	}
+	if got := s.stats.bytes.Load(); got != uint64(len(c.bytes())) {
+		t.Fatalf("the stream counted %d bytes sent, the client read %d", got, len(c.bytes()))
+	}
+}

@@ -2,6 +2,7 @@ package ssefanout
 
 import (
 	"encoding/json"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -11,6 +12,13 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"go.uber.org/zap"
+
+	dto "github.com/prometheus/client_model/go"
 )
 
 // scrape returns what Caddy's metrics handler at base+path serves.
@@ -246,5 +254,163 @@ func TestDocumentedMetricsExist(t *testing.T) {
 		if !inDashboard[n] {
 			t.Errorf("%s is not on the dashboard", n)
 		}
+	}
+}
+
+// histCount returns how many observations a histogram holds.
+func histCount(t testing.TB, h interface{ Write(*dto.Metric) error }) uint64 {
+	t.Helper()
+	var m dto.Metric
+	if err := h.Write(&m); err != nil {
+		t.Fatal(err)
+	}
+	return m.GetHistogram().GetSampleCount()
+}
+
+// A stream closed while live (its last client left and the linger ran
+// out) ends its upstream connection: the connection's duration is
+// observed, as for one the origin ended.
+func TestUpstreamDurationObservedWhenStreamCloses(t *testing.T) {
+	leakCheck(t)
+	o := newOrigin(t)
+	base := startCaddy(t, `sse_fanout /s/* `+o.URL+` {
+		linger 50ms
+	}`)
+	before := histCount(t, metrics.upstreamUptime)
+	c := connect(t, base+"/s/closing", nil)
+	o.waitOpen(t, "/s/closing", 1, 5*time.Second)
+	o.send("/s/closing", ev(1, "x"))
+	c.waitFor(t, ev(1, "x"), 5*time.Second)
+	c.close()
+	o.waitOpen(t, "/s/closing", 0, 5*time.Second)
+	eventually(t, 2*time.Second, func() bool { return histCount(t, metrics.upstreamUptime) == before+1 }, func() string {
+		return "upstream_connection_duration_seconds was not observed when the stream closed"
+	})
+}
+
+// bytes_sent counts every event-stream byte written to clients after
+// their heads: a late client's first write (the origin's retry and the
+// committed id) and the id a client resuming live with a gap gets count as
+// much as events. The stream's count equals what its clients read.
+func TestBytesSentCountsPreludes(t *testing.T) {
+	leakCheck(t)
+	o := newOrigin(t)
+	base := startCaddy(t, `sse_fanout /s/* `+o.URL+` {
+		keepalive 1m
+		max_catch_ups off
+	}`)
+	const path = "/s/prelude"
+	first := connect(t, base+path, nil)
+	o.waitOpen(t, path, 1, 5*time.Second)
+	o.send(path, "retry: 1500\n\n")
+	o.send(path, ev(1, "x"))
+	first.waitFor(t, ev(1, "x"), 5*time.Second)
+	late := connect(t, base+path, nil)                                      // gets retry and id 1 first
+	gap := connect(t, base+path, http.Header{"Last-Event-ID": {"unknown"}}) // live with a gap: gets id 1 first
+	late.waitFor(t, "id: 1\n", 5*time.Second)
+	gap.waitFor(t, "id: 1\n", 5*time.Second)
+	o.send(path, ev(2, "y"))
+	cs := []*sseClient{first, late, gap}
+	for _, c := range cs {
+		c.waitFor(t, ev(2, "y"), 5*time.Second)
+	}
+	s := findStream(t, path)
+	var read uint64
+	for _, c := range cs {
+		read += uint64(len(c.bytes()))
+	}
+	eventually(t, 2*time.Second, func() bool { return s.stats.bytes.Load() == read }, func() string {
+		return fmt.Sprintf("the stream counted %d bytes sent, its clients read %d (%q, %q, %q)",
+			s.stats.bytes.Load(), read, first.bytes(), late.bytes(), gap.bytes())
+	})
+}
+
+// The delivery lag measures how long the proxy takes to pass live events
+// on, not how long a client was away: events a resuming client gets from
+// the history (published before it came back) are not lag samples, as
+// those of a catch-up are not.
+func TestLagExcludesHistoryResumes(t *testing.T) {
+	leakCheck(t)
+	o := newOrigin(t)
+	base := startCaddy(t, `sse_fanout /s/* `+o.URL+` {
+		keepalive 1m
+	}`)
+	const path = "/s/lag"
+	const k = 2 * lagSampleEvery
+	live := connect(t, base+path, nil)
+	o.waitOpen(t, path, 1, 5*time.Second)
+	for i := 1; i <= k; i++ {
+		o.send(path, ev(i, "x"))
+	}
+	live.waitFor(t, ev(k, "x"), 5*time.Second)
+	time.Sleep(time.Second) // the resuming client was away a second
+	back := connect(t, base+path, http.Header{"Last-Event-ID": {"1"}})
+	back.waitFor(t, ev(k, "x"), 5*time.Second)
+	s := findStream(t, path)
+	s.stats.lagMu.Lock()
+	defer s.stats.lagMu.Unlock()
+	if s.stats.lags == nil {
+		t.Fatal("no lag sample")
+	}
+	for i, lag := range s.stats.lags[:min(s.stats.lagN, lagSamples)] {
+		if lag >= 0.5 {
+			t.Errorf("lag sample %d is %.3fs: the time the client was away, not a delivery lag", i, lag)
+		}
+	}
+}
+
+// deadlineFlusher is a net/http response whose writes are buffered and
+// whose flush fails on a passed write deadline, as TLS HTTP/1.1's does
+// for an event smaller than its buffer.
+type deadlineFlusher struct{ httptest.ResponseRecorder }
+
+func (*deadlineFlusher) FlushError() error                { return os.ErrDeadlineExceeded }
+func (*deadlineFlusher) SetWriteDeadline(time.Time) error { return nil }
+
+// A client served through net/http whose flush runs out of write_timeout
+// is dropped for write_timeout, and counted so, as one whose write did.
+func TestWriteTimeoutOnFlushCounts(t *testing.T) {
+	h := &Handler{WriteTimeout: caddy.Duration(time.Second), logger: zap.NewNop()}
+	s := &stream{name: "x"}
+	w := &deadlineFlusher{}
+	c := &client{h: h, s: s, w: w, rc: http.NewResponseController(w)}
+	err := c.write([]byte("data: x\n\n"))
+	if writeEnd(err) != endWriteTimeout {
+		t.Fatalf("write ended %q (%v), want %q", writeEnd(err), err, endWriteTimeout)
+	}
+	if n := s.stats.dropped[dropWriteTimeout].Load(); n != 1 {
+		t.Fatalf("%d write_timeout drops counted, want 1", n)
+	}
+}
+
+// logMsg is a log message as a follower's consumer delivers it.
+type logMsg struct {
+	jetstream.Msg
+	hdr  nats.Header
+	data []byte
+}
+
+func (m *logMsg) Headers() nats.Header { return m.hdr }
+func (m *logMsg) Data() []byte         { return m.data }
+
+// A node that opens a clustered stream loads the log's past, where the
+// holder's reconnects are answers (live, retrying, live): replaying them
+// ends no upstream connection now, and must not be observed as
+// connections of no duration.
+
+func TestClusterLoadObservesNoUpstreamDuration(t *testing.T) {
+	s := &stream{name: "x", ready: make(chan struct{})}
+	c := &clusterSource{s: s, digest: "d", progress: make(chan struct{}, 1)}
+	before := histCount(t, metrics.upstreamUptime)
+	for i, st := range []streamState{stateLive, stateRetrying, stateLive, stateRetrying, stateLive} {
+		a := answer{state: st}
+		msg := &logMsg{hdr: nats.Header{hdrDigest: {"d"}}, data: appendRecord(nil, logRecord{answer: &a})}
+		c.apply(msg, &jetstream.MsgMetadata{Sequence: jetstream.SequencePair{Stream: uint64(i + 1)}}, s, "", true)
+	}
+	if n := histCount(t, metrics.upstreamUptime) - before; n != 0 {
+		t.Fatalf("loading the log's past observed %d upstream connection durations", n)
+	}
+	if s.stats.liveSince.Load() == 0 {
+		t.Fatal("the stream is not live after the log's last answer (live)")
 	}
 }

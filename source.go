@@ -32,4 +32,7 @@ type answer struct {
 	header http.Header
 	// final is the origin's permanent answer, when state is stateFinal.
 	final *finalAnswer
+	// past marks an answer replayed from a cluster log's history: its
+	// state applies, but no upstream connection began or ended now.
+	past bool
 }

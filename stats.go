@@ -131,14 +131,15 @@ func (st *streamStats) resume(kind int) {
 
 // live records that the stream's source went live or stopped being so;
 // the end of a live stretch is observed as an upstream connection's
-// duration.
-func (st *streamStats) live(on bool) {
+// duration, unless it was replayed from a cluster log's past, which tells
+// nothing of a connection of this moment.
+func (st *streamStats) live(on, past bool) {
 	now := time.Now().UnixNano()
 	if on {
 		st.liveSince.CompareAndSwap(0, now)
 		return
 	}
-	if since := st.liveSince.Swap(0); since != 0 {
+	if since := st.liveSince.Swap(0); since != 0 && !past {
 		metrics.upstreamUptime.Observe(time.Duration(now - since).Seconds())
 	}
 }

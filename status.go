@@ -105,8 +105,13 @@ const maxStatusViewers = 64
 // ServeHTTP answers with the page, the reports' stream or the latest
 // report as JSON. It never calls next.
 func (p *StatusPage) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
-	if !p.AllowRemote && !fromLoopback(r) {
-		return caddyhttp.Error(http.StatusForbidden, errStatusRemote)
+	if !p.AllowRemote {
+		if !fromLoopback(r) {
+			return caddyhttp.Error(http.StatusForbidden, errStatusRemote)
+		}
+		if !namesThisHost(r) {
+			return caddyhttp.Error(http.StatusForbidden, errStatusHost)
+		}
 	}
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
 		w.Header().Set("Allow", "GET, HEAD")
@@ -133,6 +138,35 @@ func (p *StatusPage) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyht
 }
 
 var errStatusRemote = errorString("sse_fanout_status answers loopback clients only; set allow_remote (behind basic_auth) to show it to others")
+
+var errStatusHost = errorString("sse_fanout_status answers loopback clients that name this host (localhost or a loopback address, or the site's name over HTTPS); set allow_remote (behind basic_auth) to answer other names")
+
+// namesThisHost says whether the request's Host names this host: localhost,
+// a name under .localhost, or a loopback address; over TLS, any name, as
+// the site holds a certificate for it. A loopback-only page checks it
+// against DNS rebinding: a page of another site whose name is made to
+// resolve to 127.0.0.1 would otherwise read it from the visitor's own
+// browser, which connects from loopback (Caddy's admin API checks Host
+// for the same reason).
+func namesThisHost(r *http.Request) bool {
+	if r.TLS != nil {
+		return true
+	}
+	host := r.Host
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		host = h
+	} else if inner, ok := strings.CutPrefix(host, "["); ok {
+		if host, ok = strings.CutSuffix(inner, "]"); !ok {
+			return false
+		}
+	}
+	host = strings.TrimSuffix(strings.ToLower(host), ".")
+	if host == "localhost" || strings.HasSuffix(host, ".localhost") {
+		return true
+	}
+	ip, err := netip.ParseAddr(host)
+	return err == nil && ip.Unmap().IsLoopback()
+}
 
 type errorString string
 

@@ -2,10 +2,13 @@ package ssefanout
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
+	"net/http/httptest"
 	"regexp"
 	"strings"
 	"testing"
@@ -14,6 +17,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 )
 
 // statusSite is a site with fanned-out streams under /s/ and the status
@@ -330,5 +334,146 @@ func TestStatusListsTheBusiestStreams(t *testing.T) {
 	rep := waitStatus(t, base+"/status", func(r statusReport) bool { return r.Streams == n && r.Clients == n+1 })
 	if len(rep.Shown) != statusStreamsShown || rep.Shown[0].Clients != 2 || rep.Shown[1].Clients != 1 {
 		t.Fatalf("%d streams shown, the first with %d clients", len(rep.Shown), rep.Shown[0].Clients)
+	}
+}
+
+// The loopback-only page answers only Hosts that name this host, against
+// DNS rebinding; over TLS the name is the site's own.
+func TestStatusHostNamesThisHost(t *testing.T) {
+	for host, want := range map[string]bool{
+		"localhost": true, "LOCALHOST:8080": true, "app.localhost:80": true, "localhost.": true,
+		"127.0.0.1": true, "127.1.2.3:9": true, "[::1]:8080": true, "[::ffff:127.0.0.1]:1": true,
+		"rebind.attacker.example": false, "rebind.attacker.example:8080": false, "localhost.attacker.example": false,
+		"10.0.0.1": false, "": false, "[::1": false,
+	} {
+		r := httptest.NewRequest(http.MethodGet, "/status", nil)
+		r.Host = host
+		if got := namesThisHost(r); got != want {
+			t.Errorf("Host %q: %v, want %v", host, got, want)
+		}
+	}
+	r := httptest.NewRequest(http.MethodGet, "https://example.com/status", nil)
+	if !namesThisHost(r) {
+		t.Error("over TLS, the site's own name is refused")
+	}
+}
+
+// The page is for this host's own clients: a client_ip of loopback is not
+// enough when the connection came from another host (that proxy's
+// loopback, or a forged X-Forwarded-For it passed on), nor when a trusted
+// proxy forwarded for a remote address that Caddy's client_ip skipped
+// (the left-most forged entry without trusted_proxies_strict, or every
+// hop in a trusted range with it).
+func TestStatusLoopbackNotForgedThroughProxies(t *testing.T) {
+	req := func(remote, clientIP string, trusted bool, xff string) *http.Request {
+		r := httptest.NewRequest(http.MethodGet, "/status", nil)
+		r.RemoteAddr = remote
+		if xff != "" {
+			r.Header.Set("X-Forwarded-For", xff)
+		}
+		vars := map[string]any{caddyhttp.ClientIPVarKey: clientIP, caddyhttp.TrustedProxyVarKey: trusted}
+		return r.WithContext(context.WithValue(r.Context(), caddyhttp.VarsCtxKey, vars))
+	}
+	for _, tc := range []struct {
+		name string
+		r    *http.Request
+		want bool
+	}{
+		{"loopback", req("127.0.0.1:5000", "127.0.0.1", false, ""), true},
+		{"IPv6 loopback", req("[::1]:5000", "::1", false, ""), true},
+		{"IPv4-mapped loopback", req("[::ffff:127.0.0.1]:5000", "::ffff:127.0.0.1", false, ""), true},
+		{"local proxy for a local client", req("127.0.0.1:5000", "127.0.0.1", true, "127.0.0.1"), true},
+		{"remote proxy forwarding its own loopback", req("10.0.0.2:5000", "127.0.0.1", true, "127.0.0.1"), false},
+		{"local proxy, forged left-most entry", req("127.0.0.1:5000", "127.0.0.1", true, "127.0.0.1, 203.0.113.9"), false},
+		{"local proxy, a trusted LAN client (strict)", req("127.0.0.1:5000", "127.0.0.1", true, "10.1.2.3"), false},
+		{"remote peer", req("203.0.113.9:5000", "203.0.113.9", false, ""), false},
+		{"no client_ip, loopback peer", req("127.0.0.1:5000", "", false, ""), true},
+		{"unix socket without trusted_proxies_unix", req("@", "", false, ""), false},
+	} {
+		if got := fromLoopback(tc.r); got != tc.want {
+			t.Errorf("%s: fromLoopback = %v, want %v", tc.name, got, tc.want)
+		}
+	}
+}
+
+// Through a real Caddy: a trusted local proxy passes a client's forged
+// X-Forwarded-For on (Caddy takes its left-most entry without
+// trusted_proxies_strict), and with trusted_proxies_strict a client in a
+// trusted range is reported as the proxy's own loopback address.
+func TestStatusLoopbackForgedXFFThroughTrustedProxy(t *testing.T) {
+	leakCheck(t)
+	o := newOrigin(t)
+	for _, tc := range []struct {
+		name, global, forwardedFor string
+	}{
+		{"forged left-most entry", "trusted_proxies static 127.0.0.0/8", "127.0.0.1, 203.0.113.9"},
+		{"LAN client, strict", "trusted_proxies static private_ranges\n\t\ttrusted_proxies_strict", "10.1.2.3"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			port := freePort(t)
+			src := strings.Replace(caddyfileFor(port, statusSite(o.URL, "")), "grace_period 2s", "grace_period 2s\n\tservers {\n\t\t"+tc.global+"\n\t}", 1)
+			loadCaddyfile(t, src)
+			t.Cleanup(func() { _ = caddy.Stop() })
+			base := fmt.Sprintf("http://127.0.0.1:%d", port)
+			waitUp(t, base)
+			_, resp := getStatus(t, base+"/status", http.Header{"X-Forwarded-For": {tc.forwardedFor}})
+			if resp.StatusCode != http.StatusForbidden {
+				t.Fatalf("a client forwarded as %q got %d, want 403", tc.forwardedFor, resp.StatusCode)
+			}
+		})
+	}
+}
+
+// A HEAD request for the page's stream gets the stream's head and ends,
+// as the module's own streams do: it neither holds a viewer's place nor
+// keeps its connection from answering the next request.
+func TestStatusHeadStreamEnds(t *testing.T) {
+	leakCheck(t)
+	o := newOrigin(t)
+	base := startCaddy(t, statusSite(o.URL, ""))
+	addr := strings.TrimPrefix(base, "http://")
+	conn, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
+	fmt.Fprintf(conn, "HEAD /status HTTP/1.1\r\nHost: %s\r\nAccept: text/event-stream\r\n\r\n", addr)
+	br := bufio.NewReader(conn)
+	head, err := rawLines(br)
+	if err != nil || !strings.HasPrefix(head, "HTTP/1.1 200") || !strings.Contains(head, "text/event-stream") {
+		t.Fatalf("HEAD answered %q: %v", head, err)
+	}
+	fmt.Fprintf(conn, "GET /status?format=json HTTP/1.1\r\nHost: %s\r\n\r\n", addr)
+	next, err := rawLines(br)
+	if err != nil || !strings.HasPrefix(next, "HTTP/1.1 200") {
+		t.Fatalf("the request after the HEAD on the same connection got %q: %v", next, err)
+	}
+}
+
+// DNS rebinding: a web page of another site, once its name resolves to
+// 127.0.0.1, reads a loopback-only page from the victim's own browser,
+// which connects from loopback. On a site without a host (":8080"), any
+// Host reaches the handler; the page should answer only Hosts that name
+// this host (localhost, a loopback address), as Caddy's admin API does.
+
+func TestStatusRefusesARebindingHost(t *testing.T) {
+	leakCheck(t)
+	o := newOrigin(t)
+	port := freePort(t)
+	src := strings.Replace(caddyfileFor(port, statusSite(o.URL, "")), fmt.Sprintf("http://127.0.0.1:%d {", port), fmt.Sprintf("http://:%d {", port), 1)
+	loadCaddyfile(t, src)
+	t.Cleanup(func() { _ = caddy.Stop() })
+	base := fmt.Sprintf("http://127.0.0.1:%d", port)
+	waitUp(t, base)
+	req, _ := http.NewRequest(http.MethodGet, base+"/status?format=json", nil)
+	req.Host = fmt.Sprintf("rebind.attacker.example:%d", port)
+	resp, err := sharedTransport.RoundTrip(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode == http.StatusOK {
+		t.Fatalf("a request for Host %s (a rebound name) got the report", req.Host)
 	}
 }

@@ -157,7 +157,7 @@ const maxPublishWait = time.Second
 // gives its final answer, then takes the stream out of its hub.
 func (s *stream) run() {
 	defer func() {
-		s.stats.live(false) // a live upstream ends with its stream
+		s.stats.live(false, false) // a live upstream ends with its stream
 		s.hub.remove(s)
 		close(s.done)
 		s.signal() // clients see done
@@ -230,7 +230,7 @@ func (s *stream) signal() {
 // answer records how the origin answered; the first answer, whatever it
 // is, releases the clients waiting for it.
 func (s *stream) answer(a answer) {
-	s.stats.live(a.state == stateLive)
+	s.stats.live(a.state == stateLive, a.past)
 	s.mu.Lock()
 	s.state = a.state
 	if a.header != nil {

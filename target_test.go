@@ -2,8 +2,10 @@ package ssefanout
 
 import (
 	"errors"
+	"hash/fnv"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -205,5 +207,23 @@ func TestStreamKeyNeverCollides(t *testing.T) {
 	}
 	if streamKey("http://o/x", nil, nil, map[string][]string{"Authorization": {"a"}}) != "http://o/x" {
 		t.Fatal("without vary, the key is the URL")
+	}
+}
+
+// A stream's name, on the status page, in the admin view and in the logs,
+// does not let a viewer confirm a guess of its path, query or vary values
+// (a tenant's name, a user id): it is not a public function of the key,
+// such as the unkeyed FNV-1a the names were.
+func TestStreamNameNotComputableFromAGuessedKey(t *testing.T) {
+	leakCheck(t)
+	o := newOrigin(t)
+	base := startCaddy(t, statusSite(o.URL, ""))
+	connect(t, base+"/s/tenant-42", nil)
+	s := findStream(t, "/base/tenant-42")
+	rep := waitStatus(t, base+"/status", func(r statusReport) bool { return len(r.Shown) == 1 })
+	guess := fnv.New64a()
+	_, _ = guess.Write([]byte(s.key)) // the key as the code builds it from a guessed URL
+	if shown := rep.Shown[0].Stream; shown == strconv.FormatUint(guess.Sum64(), 16) {
+		t.Fatalf("the stream's name %s is the FNV-1a of its key: anyone can confirm a guessed tenant", shown)
 	}
 }
