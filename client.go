@@ -269,7 +269,7 @@ func (c *client) start(last lastID, arrived uint64) (prelude []byte, respHeader 
 func (h *Handler) replayStart(s *stream) uint64 {
 	start := s.hist.replayStart(h.Replay)
 	if h.ReplaySince > 0 {
-		start = min(start, s.hist.sinceStart(time.Now().Add(-time.Duration(h.ReplaySince)).UnixNano()))
+		start = min(start, s.hist.sinceStart(monoNow()-int64(h.ReplaySince)))
 	}
 	return start
 }

@@ -19,7 +19,7 @@ type entry struct {
 	id string
 	// retry is a retry line's value in ms (entryRetry).
 	retry int64
-	// at is when the entry was published, in Unix nanoseconds.
+	// at is when the entry was published (monoNow).
 	at int64
 	// off is the stream's byte count before this entry, to measure how far
 	// behind a client is in bytes.
@@ -248,7 +248,7 @@ type collected struct {
 
 // tally is what a write carries, for the stream's counters: its events,
 // its event-stream bytes (without chunk framing, so that every protocol
-// counts alike) and when its first event was published (Unix ns).
+// counts alike) and when its first event was published (monoNow).
 type tally struct {
 	events, bytes int
 	at            int64

@@ -59,7 +59,7 @@ func (st *streamStats) delivered(t tally) { st.count(t.events, t.bytes, t.at) }
 func (st *streamStats) sent(n, bytes int, t tally) { st.count(n*t.events, bytes, t.at) }
 
 // count counts deliveries written to clients in n bytes, the oldest of
-// the events published at at (Unix ns; 0 for events not published live,
+// the events published at at (monoNow; 0 for events not published live,
 // such as a catch-up's). One delivery in lagSampleEvery is sampled for
 // the lag histogram, from the event's publication to the end of its
 // write.
@@ -78,7 +78,7 @@ func (st *streamStats) count(deliveries, n int, at int64) {
 	if samples == 0 {
 		return
 	}
-	lag := time.Duration(time.Now().UnixNano() - at).Seconds()
+	lag := time.Duration(monoNow() - at).Seconds()
 	st.lagMu.Lock()
 	if st.lags == nil {
 		st.lags = new([lagSamples]float64)
@@ -156,3 +156,11 @@ func (s *stream) upstreamOpenHere() bool {
 	}
 	return true
 }
+
+// clockStart anchors monoNow.
+var clockStart = time.Now()
+
+// monoNow is the time entries are published at, in nanoseconds on the
+// monotonic clock (never 0): a step of the wall clock neither makes a
+// delivery lag negative nor moves what replay_since replays.
+func monoNow() int64 { return int64(time.Since(clockStart)) + 1 }

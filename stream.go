@@ -180,7 +180,7 @@ func (s *stream) run() {
 // waits for the writer, at most maxPublishWait: the origin is then read as
 // fast as the fast clients are written, instead of all of them dropped.
 func (s *stream) append(e entry) {
-	e.at = time.Now().UnixNano()
+	e.at = monoNow()
 	s.mu.Lock()
 	if s.fan.blocks(len(e.frame)) {
 		deadline := time.Now().Add(maxPublishWait)
