@@ -298,13 +298,15 @@ func (c *esClient) checkExact(t testing.TB, name string, from, to int) {
 	}
 }
 
-// maxPause returns the longest time between two events the client got.
-func (c *esClient) maxPause() time.Duration {
+// maxPause returns the longest time between two events the client got,
+// and when it began.
+func (c *esClient) maxPause() (m time.Duration, from time.Time) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	var m time.Duration
 	for i := 1; i < len(c.times); i++ {
-		m = max(m, c.times[i].Sub(c.times[i-1]))
+		if d := c.times[i].Sub(c.times[i-1]); d > m {
+			m, from = d, c.times[i-1]
+		}
 	}
-	return m
+	return m, from
 }

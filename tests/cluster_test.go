@@ -306,6 +306,7 @@ func TestClusterSurvivesNATS(t *testing.T) {
 	if leader < 0 {
 		t.Fatal("no leader for the log stream")
 	}
+	leaderStopped := time.Now()
 	nc.nodes[leader].p.stop()
 	time.Sleep(3 * time.Second)
 	for _, n := range nc.nodes {
@@ -313,6 +314,7 @@ func TestClusterSurvivesNATS(t *testing.T) {
 			n.p.stop()
 		}
 	}
+	allStopped := time.Now()
 	t.Log("all NATS servers stopped")
 	time.Sleep(2 * clusterLease)
 	if o.open() != 3 {
@@ -322,6 +324,7 @@ func TestClusterSurvivesNATS(t *testing.T) {
 		nc.start(i)
 	}
 	nc.waitReady(30 * time.Second)
+	back := time.Now()
 	t.Log("NATS back")
 	eventually(t, 30*time.Second, func() bool { return o.open() == 1 }, func() string {
 		return fmt.Sprintf("after NATS came back the origin held %d connections, want 1", o.open())
@@ -331,8 +334,10 @@ func TestClusterSurvivesNATS(t *testing.T) {
 	for i, c := range clients {
 		c.waitEvent(t, last, 15*time.Second)
 		c.checkExact(t, fmt.Sprintf("client %d", i), 1, last)
-		if p := c.maxPause(); p > clusterLease+2*time.Second {
-			t.Errorf("client %d paused %v, want at most lease + 2 s", i, p.Round(time.Millisecond))
+		if p, from := c.maxPause(); p > clusterLease+2*time.Second {
+			t.Errorf("client %d paused %v from %v after the log's leader stopped (all NATS stopped at %v, back at %v), want at most lease + 2 s",
+				i, p.Round(time.Millisecond), from.Sub(leaderStopped).Round(time.Millisecond),
+				allStopped.Sub(leaderStopped).Round(time.Millisecond), back.Sub(leaderStopped).Round(time.Millisecond))
 		}
 	}
 }
