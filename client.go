@@ -133,6 +133,10 @@ func (c *client) hijack(r *http.Request) bool {
 		return false
 	}
 	c.sock, c.hangup, c.started, c.deadline = raw, make(chan struct{}), time.Now(), time.Time{}
+	// the response (and through it net/http's connection with its 8 KiB
+	// of buffers, the request and Caddy's per-request state) is no longer
+	// this client's: keeping it would hold all of that per client
+	c.w, c.rc = nil, nil
 	c.s.hub.hijacked.Add(1)
 	metrics.directClients.Inc()
 	stop, err := watchHangup(sock.tcp, c.onHangup)

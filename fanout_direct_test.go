@@ -401,3 +401,29 @@ func TestFastPathStripsALoneRetryLine(t *testing.T) {
 		t.Fatalf("the stream counted %d bytes sent, the client read %d", got, len(c.bytes()))
 	}
 }
+
+// A client written directly holds a few KiB of the proxy's heap: once
+// its connection is taken over, neither net/http's connection (8 KiB of
+// buffers) nor the request and Caddy's per-request state stay reachable
+// from it. The clients here are bare sockets that hold nothing of the
+// heap themselves.
+func TestDirectClientsCostLittle(t *testing.T) {
+	leakCheck(t)
+	o := newOrigin(t)
+	base := startCaddy(t, "sse_fanout "+o.URL+" {\n keepalive off\n}")
+	dialStuck(t, base, "/mem")
+	o.waitOpen(t, "/mem", 1, 5*time.Second)
+	eventually(t, 5*time.Second, func() bool { return direct() == 1 }, func() string { return "the first client was not taken over" })
+	before := heapInuse()
+	const n = 1000
+	for range n {
+		dialStuck(t, base, "/mem")
+	}
+	eventually(t, 10*time.Second, func() bool { return direct() == n+1 }, func() string { return fmt.Sprintf("%v of %d clients taken over", direct(), n+1) })
+	time.Sleep(200 * time.Millisecond) // handlers return after the take-over
+	perClient := (int64(heapInuse()) - int64(before)) / n
+	t.Logf("heap per direct client: %d bytes", perClient)
+	if perClient > 4096 {
+		t.Errorf("a direct client holds %d bytes of heap, want at most 4 KiB", perClient)
+	}
+}
