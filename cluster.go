@@ -279,6 +279,27 @@ func (c *clusterHub) run(ctx context.Context, history int) {
 	}
 }
 
+// updateLimits gives an existing log the limits of this node's config
+// (history, max_age, max_bytes, replicas), keeping the rest of its config
+// and its epoch: a changed limit takes effect at the next start instead of
+// being silently kept from the config that made the log.
+func (c *clusterHub) updateLimits(ctx context.Context, log jetstream.Stream, want jetstream.StreamConfig) (jetstream.Stream, error) {
+	have := log.CachedInfo().Config
+	if have.MaxMsgsPerSubject == want.MaxMsgsPerSubject && have.MaxAge == want.MaxAge &&
+		have.MaxBytes == want.MaxBytes && have.Replicas == want.Replicas {
+		return log, nil
+	}
+	upd := have
+	upd.MaxMsgsPerSubject, upd.MaxAge, upd.MaxBytes, upd.Replicas = want.MaxMsgsPerSubject, want.MaxAge, want.MaxBytes, want.Replicas
+	if _, err := c.link.js.UpdateStream(ctx, upd); err != nil {
+		return nil, fmt.Errorf("updating its limits: %w", err)
+	}
+	c.logger.Info("cluster: the log's limits changed to this config's",
+		zap.Int64("history", want.MaxMsgsPerSubject), zap.Duration("max_age", want.MaxAge),
+		zap.Int64("max_bytes", want.MaxBytes), zap.Int("replicas", want.Replicas))
+	return c.link.js.Stream(ctx, c.streamName)
+}
+
 // setup creates (or finds) the log stream and the buckets.
 func (c *clusterHub) setup(ctx context.Context, history int) error {
 	if !c.link.connected() {
@@ -307,6 +328,9 @@ func (c *clusterHub) setup(ctx context.Context, history int) error {
 	log, err := js.CreateStream(ctx, cfg)
 	if errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) {
 		log, err = js.Stream(ctx, c.streamName)
+		if err == nil {
+			log, err = c.updateLimits(ctx, log, cfg)
+		}
 	}
 	if err != nil {
 		return fmt.Errorf("log stream %s: %w", c.streamName, err)

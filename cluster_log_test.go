@@ -78,6 +78,14 @@ func TestCaddyfileCluster(t *testing.T) {
 		n.MaxBytes != 1<<30 || !n.NoFallback || time.Duration(n.Lease) != 10*time.Second || time.Duration(n.MaxAge) != 2*time.Hour {
 		t.Fatalf("parsed %+v", n)
 	}
+	// the default max_event_size fits NATS's default max_payload with room
+	// for the id, the type and the framing; without a cluster it is 1 MiB
+	if d := h.withDefaults(); d.MaxEventSize+2*maxFieldLen+maxLogOverhead != 1<<20 {
+		t.Fatalf("with a cluster, max_event_size defaults to %d, over NATS's default max_payload once framed", d.MaxEventSize)
+	}
+	if d := (Handler{Upstream: "http://a"}).withDefaults(); d.MaxEventSize != 1<<20 {
+		t.Fatalf("without a cluster, max_event_size defaults to %d", d.MaxEventSize)
+	}
 	for _, tc := range []struct{ input, want, line string }{
 		{"sse_fanout http://a {\n cluster redis r://x\n}", "the only engine is NATS JetStream", "Testfile:2"},
 		{"sse_fanout http://a {\n cluster nats\n}", "at least one NATS URL", "Testfile:2"},

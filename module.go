@@ -38,24 +38,27 @@ func init() {
 // Defaults for the options; the field comments of Handler repeat them for
 // the generated docs.
 const (
-	defaultHistory        = 1000
-	defaultHistoryBytes   = 16 << 20
-	defaultKeepalive      = 15 * time.Second
-	defaultLinger         = 30 * time.Second
-	defaultWriteTimeout   = 30 * time.Second
-	defaultStatusWait     = 5 * time.Second
-	defaultMaxEventSize   = 1 << 20
-	defaultMaxStreams     = 1000
-	defaultDrain          = 5 * time.Second
-	defaultMaxCatchUps    = 4
-	defaultCatchUpTimeout = 10 * time.Second
-	defaultCatchUpEvents  = 10000
-	defaultHeaderTimeout  = 10 * time.Second
-	defaultSendBuffer     = 256 << 10
-	maxLastEventIDLen     = 1024
-	maxRedirects          = 10
-	refusalRetryMinMillis = 5000
-	refusalRetrySpread    = 5000
+	defaultHistory      = 1000
+	defaultHistoryBytes = 16 << 20
+	defaultKeepalive    = 15 * time.Second
+	defaultLinger       = 30 * time.Second
+	defaultWriteTimeout = 30 * time.Second
+	defaultStatusWait   = 5 * time.Second
+	defaultMaxEventSize = 1 << 20
+	// in a cluster, an event of max_event_size with its id, type and the
+	// log's framing fits NATS's default max_payload (1 MiB)
+	defaultClusterMaxEventSize = 1<<20 - 2*maxFieldLen - maxLogOverhead
+	defaultMaxStreams          = 1000
+	defaultDrain               = 5 * time.Second
+	defaultMaxCatchUps         = 4
+	defaultCatchUpTimeout      = 10 * time.Second
+	defaultCatchUpEvents       = 10000
+	defaultHeaderTimeout       = 10 * time.Second
+	defaultSendBuffer          = 256 << 10
+	maxLastEventIDLen          = 1024
+	maxRedirects               = 10
+	refusalRetryMinMillis      = 5000
+	refusalRetrySpread         = 5000
 )
 
 // Handler is the sse_fanout HTTP handler. It serves Server-Sent Events
@@ -110,7 +113,9 @@ type Handler struct {
 
 	// The largest upstream event, in bytes, that is relayed; a larger one is
 	// skipped without being buffered (and counted in the logs), and the
-	// connection stays up. Default: 1MiB.
+	// connection stays up. Default: 1MiB; with a cluster, 1MiB less 9KiB,
+	// so that the largest event with its id, type and the log's framing
+	// fits NATS's default max_payload.
 	MaxEventSize int64 `json:"max_event_size,omitempty"`
 
 	// The most clients one stream may have; past it an EventSource request
@@ -336,6 +341,9 @@ func (h *Handler) setDefaults() {
 	setDefault(&h.Linger, caddy.Duration(defaultLinger))
 	setDefault(&h.WriteTimeout, caddy.Duration(defaultWriteTimeout))
 	setDefault(&h.StatusWait, caddy.Duration(defaultStatusWait))
+	if h.Cluster != nil {
+		setDefault(&h.MaxEventSize, defaultClusterMaxEventSize)
+	}
 	setDefault(&h.MaxEventSize, defaultMaxEventSize)
 	setDefault(&h.MaxStreams, defaultMaxStreams)
 	setDefault(&h.Drain, caddy.Duration(defaultDrain))

@@ -138,6 +138,19 @@ func TestClusterFinalAnswersReachEveryNode(t *testing.T) {
 			}
 		}
 	}
+
+	// a node restarted with another history gives the shared log its
+	// limits instead of silently keeping those of the config that made it
+	if got := nc.logMaxPerSubject("SSEFANOUT_final"); got != 1000 {
+		t.Fatalf("the log keeps %d events per stream, want the default history 1000", got)
+	}
+	n := nodes[0]
+	n.p.stop()
+	n.rewrite(t, "status_wait 10s", "status_wait 10s\n\t\thistory 20")
+	n.start(t)
+	eventually(t, 30*time.Second, func() bool { return nc.logMaxPerSubject("SSEFANOUT_final") == 20 }, func() string {
+		return fmt.Sprintf("the log keeps %d events per stream after a node restarted with history 20", nc.logMaxPerSubject("SSEFANOUT_final"))
+	})
 }
 
 // kill -9 of the holding node: another node takes over within lease + 2 s,

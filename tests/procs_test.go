@@ -300,6 +300,37 @@ func (c *natsCluster) streamLeader(stream string) int {
 	return -1
 }
 
+// logMaxPerSubject returns the max_msgs_per_subject of a JetStream stream
+// as the cluster reports it, or -1.
+func (c *natsCluster) logMaxPerSubject(stream string) int64 {
+	for _, n := range c.nodes {
+		if n.p == nil || n.p.exited() {
+			continue
+		}
+		var jsz struct {
+			Accounts []struct {
+				Streams []struct {
+					Name   string `json:"name"`
+					Config struct {
+						MaxMsgsPerSubject int64 `json:"max_msgs_per_subject"`
+					} `json:"config"`
+				} `json:"stream_detail"`
+			} `json:"account_details"`
+		}
+		if !getJSON(fmt.Sprintf("http://127.0.0.1:%d/jsz?streams=true&config=true", n.monitor), &jsz) {
+			continue
+		}
+		for _, a := range jsz.Accounts {
+			for _, s := range a.Streams {
+				if s.Name == stream {
+					return s.Config.MaxMsgsPerSubject
+				}
+			}
+		}
+	}
+	return -1
+}
+
 func getJSON(url string, v any) bool {
 	client := http.Client{Timeout: 2 * time.Second}
 	resp, err := client.Get(url)
@@ -382,6 +413,21 @@ http://127.0.0.1:%d {
 func (n *caddyNode) start(t testing.TB) {
 	n.p = startProc(t, "caddy "+n.name, caddyBinary(t), "run", "--config", n.conf, "--adapter", "caddyfile")
 	waitListening(t, n.Base)
+}
+
+// rewrite replaces old with new in the node's Caddyfile, for its next start.
+func (n *caddyNode) rewrite(t testing.TB, old, new string) {
+	t.Helper()
+	b, err := os.ReadFile(n.conf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(b), old) {
+		t.Fatalf("%s's Caddyfile has no %q", n.name, old)
+	}
+	if err := os.WriteFile(n.conf, []byte(strings.Replace(string(b), old, new, 1)), 0o644); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // metric reads one metric of the node, summed over its labels.
