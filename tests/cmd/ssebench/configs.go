@@ -103,7 +103,7 @@ func (c nginxConfig) render() ([]byte, error) {
 type caddyConfig struct {
 	Port       int
 	OriginPort int
-	Peer       string // peerFanout or peerReverseProxy
+	Peer       string // peerFanout, peerFanoutStatus or peerReverseProxy
 	TLS        bool   // tls internal, HTTP/1.1 and HTTP/2
 	Storage    string // certificate storage (the internal CA), for TLS
 }
@@ -130,7 +130,12 @@ var caddyTemplate = template.Must(template.New("Caddyfile").Parse(`# Caddyfile w
 {{- if .TLS}}
 	tls internal
 {{- end}}
-{{- if eq .Peer "` + peerFanout + `"}}
+{{- if eq .Peer "` + peerFanoutStatus + `"}}
+	handle /status {
+		sse_fanout_status
+	}
+{{- end}}
+{{- if or (eq .Peer "` + peerFanout + `") (eq .Peer "` + peerFanoutStatus + `")}}
 	sse_fanout http://127.0.0.1:{{.OriginPort}}
 {{- else}}
 	reverse_proxy 127.0.0.1:{{.OriginPort}} {
@@ -141,8 +146,8 @@ var caddyTemplate = template.Must(template.New("Caddyfile").Parse(`# Caddyfile w
 `))
 
 func (c caddyConfig) render() ([]byte, error) {
-	if c.Peer != peerFanout && c.Peer != peerReverseProxy {
-		return nil, fmt.Errorf("caddy config for peer %q: want %s or %s", c.Peer, peerFanout, peerReverseProxy)
+	if !caddyPeer(c.Peer) {
+		return nil, fmt.Errorf("caddy config for peer %q: want %s, %s or %s", c.Peer, peerFanout, peerFanoutStatus, peerReverseProxy)
 	}
 	if c.TLS && !filepath.IsAbs(c.Storage) {
 		return nil, fmt.Errorf("caddy config: TLS needs an absolute storage path, got %q", c.Storage)

@@ -114,7 +114,7 @@ func nginxSyntaxCheck(t *testing.T, dir string, c nginxConfig) {
 
 func TestCaddyConfig(t *testing.T) {
 	storage := t.TempDir()
-	for _, peer := range []string{peerFanout, peerReverseProxy} {
+	for _, peer := range []string{peerFanout, peerReverseProxy, peerFanoutStatus} {
 		for _, tls := range []bool{false, true} {
 			c := caddyConfig{Port: 40011, OriginPort: 40012, Peer: peer, TLS: tls, Storage: storage}
 			b, err := c.render()
@@ -128,7 +128,7 @@ func TestCaddyConfig(t *testing.T) {
 				scheme = "https"
 			}
 			want := []string{fmt.Sprintf("%s://127.0.0.1:%d {", scheme, c.Port), "bind 127.0.0.1", "admin off"}
-			if peer == peerFanout {
+			if peer == peerFanout || peer == peerFanoutStatus {
 				want = append(want, fmt.Sprintf("sse_fanout http://127.0.0.1:%d\n", c.OriginPort))
 			} else {
 				want = append(want, fmt.Sprintf("reverse_proxy 127.0.0.1:%d {", c.OriginPort), "flush_interval -1")
@@ -140,6 +140,12 @@ func TestCaddyConfig(t *testing.T) {
 				if !strings.Contains(conf, w) {
 					t.Errorf("%s tls=%v: no %q in\n%s", peer, tls, w, conf)
 				}
+			}
+			// the status page's handle block comes first: sse_fanout
+			// without a matcher would take /status too if it came first
+			// in the Caddyfile's directive order
+			if hasStatus := strings.Contains(conf, "handle /status {\n\t\tsse_fanout_status\n\t}"); hasStatus != (peer == peerFanoutStatus) {
+				t.Errorf("%s tls=%v: status page mounted %v in\n%s", peer, tls, hasStatus, conf)
 			}
 			if !tls && strings.Contains(conf, "tls internal") {
 				t.Errorf("%s without TLS has tls internal:\n%s", peer, conf)

@@ -53,6 +53,7 @@ type config struct {
 	limits      limits
 	retries     int // of a disturbed run
 	caddy       string
+	caddyStatus string // Caddy for the sse_fanout_status peer; "": the same as caddy
 	repo        string
 	nginx       string
 	nchanModule string
@@ -149,7 +150,7 @@ func parseFlags(args []string) (*config, error) {
 	fs := flag.NewFlagSet("ssebench", flag.ContinueOnError)
 	fs.SetOutput(flagOutput)
 	fs.StringVar(&cfg.out, "out", cfg.out, "directory for results.json, results.md and each run's logs and configurations")
-	fs.Var(words(&cfg.peers), "peers", "peers to measure: "+strings.Join(allPeers, ","))
+	fs.Var(words(&cfg.peers), "peers", "peers to measure: "+strings.Join(allPeers, ",")+" (and "+peerFanoutStatus+": sse_fanout with its status page watched)")
 	fs.Var(words(&cfg.workloads), "workloads", "workloads to run: "+strings.Join(allWorkloads, ","))
 	fs.Var(ints(&cfg.clients), "clients", "steady workload: client counts")
 	fs.IntVar(&cfg.reps, "reps", cfg.reps, "steady workload: repetitions")
@@ -169,6 +170,7 @@ func parseFlags(args []string) (*config, error) {
 	fs.Float64Var(&cfg.limits.other, "other-limit", cfg.limits.other, "a run where other processes take more than this percentage of a core does not count")
 	fs.IntVar(&cfg.retries, "retries", cfg.retries, "make a run again, at once, at most this many times while other processes disturb it")
 	fs.StringVar(&cfg.caddy, "caddy", "", "Caddy binary with sse_fanout (default: build the repository's ./cmd/caddy)")
+	fs.StringVar(&cfg.caddyStatus, "caddy-status", "", "Caddy binary for the "+peerFanoutStatus+" peer (default: the same as -caddy)")
 	fs.StringVar(&cfg.repo, "repo", "", "the repository's root (default: found from the working directory)")
 	fs.StringVar(&cfg.nginx, "nginx", cfg.nginx, "nginx binary, for the nchan and nginx_proxy peers")
 	fs.StringVar(&cfg.nchanModule, "nchan-module", cfg.nchanModule, "nchan's dynamic module")
@@ -210,8 +212,8 @@ func applyQuick(cfg *config, fs *flag.FlagSet) {
 
 func (cfg *config) check() error {
 	for _, p := range cfg.peers {
-		if !slices.Contains(allPeers, p) {
-			return fmt.Errorf("-peers: unknown peer %q (known: %s)", p, strings.Join(allPeers, ", "))
+		if !slices.Contains(knownPeers, p) {
+			return fmt.Errorf("-peers: unknown peer %q (known: %s)", p, strings.Join(knownPeers, ", "))
 		}
 	}
 	for _, w := range cfg.workloads {
@@ -245,6 +247,7 @@ type bench struct {
 	cfg          *config
 	binDir       string
 	caddy        string
+	caddyStatus  string            // for peerFanoutStatus
 	caddyStorage string            // the TLS workload's internal CA, shared by its runs
 	unavailable  map[string]string // peer → what to install
 	machine      Machine
@@ -342,6 +345,12 @@ func (b *bench) build(repo string) error {
 		return err
 	}
 	b.caddy = b.cfg.caddy
+	defer func() {
+		b.caddyStatus = b.cfg.caddyStatus
+		if b.caddyStatus == "" {
+			b.caddyStatus = b.caddy
+		}
+	}()
 	if b.caddy != "" {
 		return nil
 	}

@@ -12,9 +12,23 @@ const (
 	peerNchan        = "nchan"         // nginx with the nchan module
 	peerNginx        = "nginx_proxy"   // nginx proxy_pass, proxy_buffering off
 	peerFloor        = "floor"         // one write(2) per client per event
+	// sse_fanout with sse_fanout_status mounted at /status in the same
+	// site and one viewer on the page's event stream during the run (Caddy
+	// from -caddy-status): the status page's overhead, against sse_fanout.
+	// Only when named in -peers.
+	peerFanoutStatus = "sse_fanout_status"
 )
 
 var allPeers = []string{peerFanout, peerReverseProxy, peerNchan, peerNginx, peerFloor}
+
+// knownPeers are the peers -peers accepts: the default ones and the
+// status-page variant.
+var knownPeers = append(append([]string(nil), allPeers...), peerFanoutStatus)
+
+// caddyPeer says whether the peer is a Caddy.
+func caddyPeer(p string) bool {
+	return p == peerFanout || p == peerReverseProxy || p == peerFanoutStatus
+}
 
 // Workloads.
 const (

@@ -85,6 +85,8 @@ type RunResult struct {
 	Load             *loadReport     `json:"-"`
 	LoadRaw          json.RawMessage `json:"load,omitempty"` // sseload's whole summary
 	Dir              string          `json:"dir"`
+	// peerFanoutStatus: bytes the status page's one viewer received
+	StatusStreamBytes int64 `json:"status_stream_bytes,omitempty"`
 }
 
 // sample is the state of the processes and cores at one instant.
@@ -233,7 +235,51 @@ func (b *bench) measure(ctx context.Context, r *RunResult) error {
 	time.Sleep(idleSettle)
 	pids := processTree(peer.pid())
 	r.RSSIdleKiB = measure(pids).RSSKiB
-	return b.load(ctx, r, url, pids, origin)
+	var ours []int
+	if r.Peer == peerFanoutStatus {
+		viewer, err := startStatusViewer(r.Dir, peerPort)
+		if err != nil {
+			return err
+		}
+		defer viewer.stop()
+		ours = append(ours, viewer.pid())
+		defer func() { r.StatusStreamBytes = fileSize(filepath.Join(r.Dir, statusStreamFile)) }()
+	}
+	return b.load(ctx, r, url, pids, origin, ours...)
+}
+
+// statusStreamFile is where the status page's viewer writes its stream.
+const statusStreamFile = "status-stream.txt"
+
+// startStatusViewer attaches one viewer, pinned to the generator core, to
+// the status page's event stream, before the load tool's clients.
+func startStatusViewer(dir string, port int) (*process, error) {
+	p, err := start(dir, "status-viewer", generatorCore, nil, "curl", "-sN", "-H", "Accept: text/event-stream",
+		"-o", filepath.Join(dir, statusStreamFile), fmt.Sprintf("http://127.0.0.1:%d/status", port))
+	if err != nil {
+		return nil, err
+	}
+	deadline := time.Now().Add(startTimeout)
+	for fileSize(filepath.Join(dir, statusStreamFile)) == 0 {
+		if time.Now().After(deadline) {
+			p.stop()
+			return nil, fmt.Errorf("the status page's viewer received nothing in %s (see status-viewer.log)", startTimeout)
+		}
+		select {
+		case <-p.exited:
+			return nil, errors.New("the status page's viewer exited (see status-viewer.log)")
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+	return p, nil
+}
+
+func fileSize(name string) int64 {
+	fi, err := os.Stat(name)
+	if err != nil {
+		return 0
+	}
+	return fi.Size()
 }
 
 // startOrigin starts the benchmark origin; for nchan it also posts each
@@ -255,7 +301,7 @@ func (b *bench) startOrigin(r *RunResult, port, peerPort int) (*process, error) 
 func (b *bench) startPeer(r *RunResult, port, originPort int) (*process, string, error) {
 	url := fmt.Sprintf("http://127.0.0.1:%d/events", port)
 	switch r.Peer {
-	case peerFanout, peerReverseProxy:
+	case peerFanout, peerReverseProxy, peerFanoutStatus:
 		tls := r.Proto != protoH1
 		if tls {
 			url = fmt.Sprintf("https://127.0.0.1:%d/events", port)
@@ -269,7 +315,11 @@ func (b *bench) startPeer(r *RunResult, port, originPort int) (*process, string,
 			return nil, "", err
 		}
 		env := []string{"HOME=" + r.Dir, "XDG_CONFIG_HOME=" + r.Dir, "XDG_DATA_HOME=" + r.Dir}
-		p, err := start(r.Dir, "peer", peerCore, env, b.caddy, "run", "--config", file, "--adapter", "caddyfile")
+		bin := b.caddy
+		if r.Peer == peerFanoutStatus {
+			bin = b.caddyStatus
+		}
+		p, err := start(r.Dir, "peer", peerCore, env, bin, "run", "--config", file, "--adapter", "caddyfile")
 		return p, url, err
 	case peerNchan, peerNginx:
 		c := nginxConfig{Dir: r.Dir, Port: port, OriginPort: originPort, MaxFiles: b.cfg.maxFiles}
@@ -317,7 +367,7 @@ func (b *bench) loadArgs(r *RunResult, url string) ([]string, time.Duration) {
 
 // load runs the load tool, samples at the edges of its window and fills
 // in r's figures.
-func (b *bench) load(ctx context.Context, r *RunResult, url string, pids []int, origin *process) error {
+func (b *bench) load(ctx context.Context, r *RunResult, url string, pids []int, origin *process, extra ...int) error {
 	args, bound := b.loadArgs(r, url)
 	ctx, cancel := context.WithTimeout(ctx, bound)
 	defer cancel()
@@ -369,7 +419,7 @@ func (b *bench) load(ctx context.Context, r *RunResult, url string, pids []int, 
 		return fmt.Errorf("sseload's summary: %w (see sseload.err)", err)
 	}
 	r.figures(s0, s1)
-	ours := slices.Concat(pids, []int{origin.pid(), cmd.Process.Pid, os.Getpid(), os.Getppid()})
+	ours := slices.Concat(pids, []int{origin.pid(), cmd.Process.Pid, os.Getpid(), os.Getppid()}, extra)
 	r.Others = busiest(s0.all, s1.all, ours, r.WindowSeconds, 3)
 	return nil
 }
