@@ -81,7 +81,7 @@ type streamStatus struct {
 	LagP50Millis    float64           `json:"lag_p50_ms"`
 	LagP99Millis    float64           `json:"lag_p99_ms"`
 	LagSamples      int               `json:"lag_samples"`
-	RetryMillis     int64             `json:"origin_retry_ms,omitempty"`
+	RetryMillis     *int64            `json:"origin_retry_ms,omitempty"` // nil: none sent (0 is a value)
 	LastEventIDLen  int               `json:"last_event_id_length"`
 	ClusterRole     string            `json:"cluster_role,omitempty"`
 	ClusterHolder   string            `json:"cluster_holder,omitempty"`
@@ -172,7 +172,10 @@ func (s *stream) status(clients int, set hubSettings) streamStatus {
 	out.HistoryEvents = s.hist.count
 	out.HistoryBytes = s.hist.bytes
 	out.Published = s.hist.head
-	out.RetryMillis = s.retry
+	if s.hasRetry {
+		retry := s.retry
+		out.RetryMillis = &retry
+	}
 	out.LastEventIDLen = len(s.lastID)
 	s.mu.RUnlock()
 	return out

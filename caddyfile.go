@@ -210,7 +210,7 @@ func (h *Handler) unmarshalTransport(d *caddyfile.Dispenser) error {
 	}
 	name := d.Val()
 	if name != "http" {
-		return d.Errf("transport: only 'http' is supported, got %q", name)
+		return d.Errf("transport: only the \"http\" protocol is supported, got %q", name)
 	}
 	// the block's own tokens, to find the line of an option it refuses
 	seg := d.NewFromNextSegment()
@@ -253,13 +253,15 @@ func (h *Handler) unmarshalCluster(d *caddyfile.Dispenser) error {
 	if len(n.URLs) == 0 {
 		return d.Errf("cluster nats: at least one NATS URL is required, e.g. nats://127.0.0.1:4222")
 	}
-	seen := map[string]bool{}
+	// each option's token, and the URLs' under "", for errors at the line
+	// of the option to change
+	at := map[string]caddyfile.Token{"": d.Token()}
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		opt := d.Val()
-		if seen[opt] {
+		if _, seen := at[opt]; seen {
 			return d.Errf("cluster %s: specified more than once", opt)
 		}
-		seen[opt] = true
+		at[opt] = d.Token()
 		var err error
 		switch opt {
 		case "name", "credentials", "tls_ca", "tls_cert", "tls_key":
@@ -292,8 +294,8 @@ func (h *Handler) unmarshalCluster(d *caddyfile.Dispenser) error {
 	}
 	check := *n
 	check.setDefaults()
-	if err := check.validate(); err != nil {
-		return d.Errf("%v", err)
+	if opt, err := check.problem(); err != nil {
+		return errAt(at[opt], err)
 	}
 	h.Cluster = &ClusterConfig{NATS: n}
 	return nil

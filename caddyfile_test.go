@@ -2,6 +2,7 @@ package ssefanout
 
 import (
 	"encoding/json"
+	"fmt"
 	"flag"
 	"net/http"
 	"os"
@@ -106,7 +107,7 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		{"request placeholder in header_up", "sse_fanout http://a {\n header_up X-User {http.request.header.X-User}\n}", "forward the client's header with 'vary X-User'"},
 		{"header_up without value", "sse_fanout http://a {\n header_up X-A\n}", "missing value"},
 		{"vary without names", "sse_fanout http://a {\n vary\n}", "vary: needs at least one"},
-		{"transport other", "sse_fanout http://a {\n transport fastcgi\n}", "only 'http' is supported"},
+		{"transport other", "sse_fanout http://a {\n transport fastcgi\n}", `only the "http" protocol is supported`},
 		{"bad send buffer", "sse_fanout http://a {\n client_send_buffer lots\n}", "client_send_buffer"},
 		{"proxy protocol", "sse_fanout http://a {\n transport http {\n proxy_protocol v2\n }\n}", "proxy_protocol is not supported"},
 	}
@@ -313,4 +314,35 @@ func TestReadmeCaddyfilesAdapt(t *testing.T) {
 		}
 	}
 	t.Logf("%d README Caddyfiles adapt", checked)
+}
+
+// Configurations that would do nothing or fail deep inside Caddy are
+// refused when Caddy loads them, through the Caddyfile and through JSON,
+// with a message that says what to do, and a running config is kept.
+func TestMisleadingConfigsRefusedAtLoad(t *testing.T) {
+	leakCheck(t)
+	o := newOrigin(t)
+	port := freePort(t)
+	base := startCaddy(t, "sse_fanout "+o.URL)
+	c := connect(t, base+"/kept", nil)
+	o.waitOpen(t, "/kept", 1, 5*time.Second)
+
+	err := tryLoadCaddyfile(caddyfileFor(port, "sse_fanout "+o.URL+" {\n\t\thistory 5\n\t\tvary Host\n\t}"))
+	if err == nil || !strings.Contains(err.Error(), "use 'header_up Host <value>'") || !strings.Contains(err.Error(), "Caddyfile:") {
+		t.Fatalf("vary Host in a Caddyfile: %v, want a refusal pointing to header_up Host at its line", err)
+	}
+	for _, tc := range []struct{ handler, want string }{
+		{`{"handler": "sse_fanout", "upstream": "` + o.URL + `", "vary": ["Host"]}`, "use 'header_up Host <value>'"},
+		{`{"handler": "sse_fanout", "upstream": "` + o.URL + `", "transport": {"protocol": "fastcgi", "root": "/srv"}}`, `transport: only the "http" protocol is supported, got "fastcgi"`},
+	} {
+		cfg := fmt.Sprintf(`{"admin": {"disabled": true}, "apps": {"http": {"servers": {"s": {
+			"listen": ["127.0.0.1:%d"], "automatic_https": {"disable": true},
+			"routes": [{"handle": [%s]}]}}}}}`, port, tc.handler)
+		if err := caddy.Load([]byte(cfg), true); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("JSON %s: %v, want an error containing %q", tc.handler, err, tc.want)
+		}
+	}
+	// the running config still serves its stream
+	o.send("/kept", ev(1, "still here"))
+	c.waitFor(t, ev(1, "still here"), 5*time.Second)
 }

@@ -113,26 +113,37 @@ func (c *NATSConfig) setDefaults() {
 
 // validate checks the settings, after defaults.
 func (c *NATSConfig) validate() error {
+	_, err := c.problem()
+	return err
+}
+
+// problem is validate's answer with the option that has to change (""
+// for the URLs), so that the Caddyfile can point at that option's line.
+func (c *NATSConfig) problem() (option string, err error) {
 	switch {
 	case len(c.URLs) == 0:
-		return errors.New("cluster nats: at least one NATS URL is required, e.g. nats://127.0.0.1:4222")
+		return "", errors.New("cluster nats: at least one NATS URL is required, e.g. nats://127.0.0.1:4222")
 	case !clusterName.MatchString(c.Name):
-		return fmt.Errorf("cluster nats: name %q must be 1 to 64 letters, digits, '_' or '-' (it names NATS subjects and buckets)", c.Name)
+		return "name", fmt.Errorf("cluster nats: name %q must be 1 to 64 letters, digits, '_' or '-' (it names NATS subjects and buckets)", c.Name)
 	case c.Lease < caddy.Duration(time.Second):
-		return fmt.Errorf("cluster nats: lease must be at least 1s (it is refreshed every third of it), got %v", time.Duration(c.Lease))
+		return "lease", fmt.Errorf("cluster nats: lease must be at least 1s (it is refreshed every third of it), got %v", time.Duration(c.Lease))
 	case c.Replicas < 1 || c.Replicas > 5:
-		return fmt.Errorf("cluster nats: replicas must be between 1 and 5, got %d", c.Replicas)
-	case c.MaxAge < 0 || c.MaxBytes < 0:
-		return errors.New("cluster nats: max_age and max_bytes must not be negative")
-	case (c.TLSCert == "") != (c.TLSKey == ""):
-		return errors.New("cluster nats: tls_cert and tls_key go together")
+		return "replicas", fmt.Errorf("cluster nats: replicas must be between 1 and 5, got %d", c.Replicas)
+	case c.MaxAge < 0:
+		return "max_age", errors.New("cluster nats: max_age must not be negative")
+	case c.MaxBytes < 0:
+		return "max_bytes", errors.New("cluster nats: max_bytes must not be negative")
+	case c.TLSCert == "" && c.TLSKey != "":
+		return "tls_key", errors.New("cluster nats: tls_cert and tls_key go together")
+	case c.TLSCert != "" && c.TLSKey == "":
+		return "tls_cert", errors.New("cluster nats: tls_cert and tls_key go together")
 	}
 	for _, u := range c.URLs {
 		if !strings.Contains(u, "://") {
-			return fmt.Errorf("cluster nats: %q is not a URL like nats://host:4222", u)
+			return "", fmt.Errorf("cluster nats: %q is not a URL like nats://host:4222", u)
 		}
 	}
-	return nil
+	return "", nil
 }
 
 // nodeID names this process in the cluster: random, new at each start.

@@ -89,9 +89,13 @@ func TestCaddyfileCluster(t *testing.T) {
 	for _, tc := range []struct{ input, want, line string }{
 		{"sse_fanout http://a {\n cluster redis r://x\n}", "the only engine is NATS JetStream", "Testfile:2"},
 		{"sse_fanout http://a {\n cluster nats\n}", "at least one NATS URL", "Testfile:2"},
-		{"sse_fanout http://a {\n cluster nats nats://x {\n  name has.dot\n }\n}", "letters, digits", "Testfile:4"},
-		{"sse_fanout http://a {\n cluster nats nats://x {\n  lease 500ms\n }\n}", "lease must be at least 1s", "Testfile:4"},
-		{"sse_fanout http://a {\n cluster nats nats://x {\n  tls_cert c.pem\n }\n}", "tls_cert and tls_key go together", "Testfile:4"},
+		{"sse_fanout http://a {\n cluster nats nats://x {\n  name has.dot\n }\n}", "letters, digits", "Testfile:3"},
+		{"sse_fanout http://a {\n cluster nats nats://x {\n  lease 500ms\n }\n}", "lease must be at least 1s", "Testfile:3"},
+		{"sse_fanout http://a {\n cluster nats nats://x {\n  tls_cert c.pem\n }\n}", "tls_cert and tls_key go together", "Testfile:3"},
+		// the line of the option to change, not the block's end
+		{"sse_fanout http://a {\n cluster nats nats://x {\n  name ok\n  replicas 9\n  lease 3s\n }\n}", "replicas must be between 1 and 5", "Testfile:4"},
+		{"sse_fanout http://a {\n cluster nats nats://x {\n  tls_key k.pem\n  name ok\n }\n}", "tls_cert and tls_key go together", "Testfile:3"},
+		{"sse_fanout http://a {\n cluster nats nats://x nats:y {\n  name ok\n }\n}", "is not a URL like nats://host:4222", "Testfile:2"},
 		{"sse_fanout http://a {\n cluster nats nats://x {\n  bogus 1\n }\n}", `unrecognized cluster option "bogus"`, "Testfile:3"},
 		{"sse_fanout http://a {\n cluster nats nats://x {\n  fallback on\n }\n}", "the only value is 'off'", "Testfile:3"},
 		{"sse_fanout http://a {\n cluster nats 10.0.0.1:4222\n}", "is not a URL like nats://host:4222", "Testfile:2"},

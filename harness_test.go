@@ -741,6 +741,26 @@ func TestLeakCheckSeesEveryFile(t *testing.T) {
 	if n, sample := pkgGoroutines(); n != 0 {
 		t.Fatalf("%d goroutines counted after it returned:\n%s", n, sample)
 	}
+
+	// a frame of a file added later counts: the match is on the package's
+	// import path, and only test files are left out
+	frame := func(fn, file string) string {
+		return "goroutine 7 [chan receive]:\n" + fn + "(...)\n\t" + file + ":12 +0x2c\ncreated by main.main\n\t/src/main.go:3 +0x10"
+	}
+	for _, tc := range []struct {
+		stack string
+		want  bool
+	}{
+		{frame(pkgPath+".(*relay).loop", "/src/caddy-sse-fanout/relay_added_later.go"), true},
+		{frame(pkgPath+".newConcern", "/elsewhere/vendor/copy/concern.go"), true},
+		{frame(pkgPath+".helper", "/src/caddy-sse-fanout/helper_test.go"), false},
+		{frame("net/http.(*conn).serve", "/go/src/net/http/server.go"), false},
+		{frame(pkgPath+"x.other", "/src/other/other.go"), false},
+	} {
+		if got := runsPackageCode(tc.stack); got != tc.want {
+			t.Errorf("runsPackageCode(%q) = %v, want %v", tc.stack, got, tc.want)
+		}
+	}
 }
 
 // transportFrom returns a client transport whose connections leave

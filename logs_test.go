@@ -79,6 +79,12 @@ http://127.0.0.1:%d {
 			status_wait 200ms
 		}
 	}
+	handle /full/* {
+		sse_fanout "%s/tenants/{http.request.header.X-Tenant}?key=SECRET-BASE-QUERY" {
+			max_clients 1
+			linger off
+		}
+	}
 	handle {
 		sse_fanout "%s/tenants/{http.request.header.X-Tenant}?key=SECRET-BASE-QUERY" {
 			vary Authorization
@@ -93,7 +99,7 @@ http://127.0.0.1:%d {
 		}
 	}
 }
-`, logFile, port, closed, o.URL)
+`, logFile, port, closed, o.URL, o.URL)
 	loadCaddyfile(t, cfg)
 	t.Cleanup(func() { _ = caddy.Stop() })
 	base := fmt.Sprintf("http://127.0.0.1:%d", port)
@@ -107,6 +113,13 @@ http://127.0.0.1:%d {
 		_, _ = io.Copy(io.Discard, resp.Body)
 		conn.Close()
 	}
+	// a client past max_clients is refused (and logged at debug level)
+	_, held := rawGet(t, base, "/full/x?token=SECRET-QUERY", secrets...)
+	resp, conn := rawGet(t, base, "/full/x?token=SECRET-QUERY", secrets...)
+	_ = conn.SetReadDeadline(time.Now().Add(1500 * time.Millisecond))
+	_, _ = io.Copy(io.Discard, resp.Body)
+	conn.Close()
+	held.Close()
 	// let the retries and timeouts log
 	time.Sleep(1500 * time.Millisecond)
 	_ = caddy.Stop()
@@ -132,7 +145,8 @@ http://127.0.0.1:%d {
 	if module < 5 {
 		t.Fatalf("only %d module log lines in %d: the failure paths were not logged at debug level", module, lines)
 	}
-	for _, want := range []string{"connection refused", "stopped after 10 redirects", "another host", "text/html", "larger than max_event_size"} {
+	for _, want := range []string{"connection refused", "stopped after 10 redirects", "another host", "text/html", "larger than max_event_size",
+		"request refused: it maps to no valid upstream URL", "request refused: a limit is reached"} {
 		data, _ := os.ReadFile(logFile)
 		if !strings.Contains(string(data), want) {
 			t.Errorf("no log line names the cause %q", want)

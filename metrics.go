@@ -72,7 +72,7 @@ var metrics = struct {
 		Buckets: []float64{1, 10, 60, 300, 1800, 3600, 6 * 3600, 24 * 3600},
 	}),
 	eventsSkipped: newCounter("events_skipped_total",
-		"Upstream events skipped for being larger than max_event_size."),
+		"Upstream events skipped: data over max_event_size, a type or id over its 4 KiB bound, or in a cluster a log message over NATS's max_payload."),
 	clientsDropped: newCounterVec("clients_dropped_total",
 		"Clients disconnected by the proxy: lagging (more than 3/4 of the history behind) or write_timeout (a write stayed blocked for write_timeout).",
 		[]string{"reason"}, []string{"lagging", "write_timeout"}),

@@ -67,10 +67,13 @@ type Handler struct {
 	// The upstream base URL, for example `http://127.0.0.1:3000/events`.
 	// Its scheme and host are fixed (they may use `{env.*}` placeholders) so
 	// that no request can steer the proxy to another host. Its path and query
-	// may use request placeholders; what they expand to is part of the stream
-	// key. The request's escaped path is appended to the base path and the
-	// request's query (minus any `lastEventId` parameter) to the base query.
-	// Required.
+	// may use request placeholders: one in the path expands to one escaped
+	// segment (an empty one is refused with a 400), one in the query to one
+	// escaped value, and each expansion is part of the stream key. The
+	// request's escaped path is appended to the base path and the request's
+	// query to the base query, minus any `lastEventId` parameter and any
+	// parameter the base query fixes, so a client can add parameters but
+	// never change the fixed ones. Required.
 	Upstream string `json:"upstream"`
 
 	// How many dispatched events each stream keeps for clients that resume
@@ -78,8 +81,9 @@ type Handler struct {
 	History int `json:"history,omitempty"`
 
 	// The most bytes of encoded events each stream keeps in its history;
-	// the oldest events are dropped first. Default: 16MiB. Must be at least
-	// max_event_size.
+	// the oldest events are dropped first. Default: 16MiB. Must hold one
+	// largest event as encoded: an event of max_event_size bytes of data
+	// made of empty lines takes up to 6 times that, plus its id and type.
 	HistoryBytes int64 `json:"history_bytes,omitempty"`
 
 	// How many of the most recent events a new client without Last-Event-ID
@@ -124,9 +128,10 @@ type Handler struct {
 	MaxClients int `json:"max_clients,omitempty"`
 
 	// The most streams (distinct upstream URLs and vary values) this handler
-	// keeps open at once; requests for a new stream past it are refused like
-	// clients past max_clients. Default: 1000. A negative value means no
-	// limit.
+	// keeps open at once. At the limit, the stream that has lingered
+	// longest without clients is closed to make room; when every stream has
+	// clients, a request for a new one is refused like a client past
+	// max_clients. Default: 1000. A negative value means no limit.
 	MaxStreams int `json:"max_streams,omitempty"`
 
 	// The reconnection time sent to clients as `retry:` instead of the
@@ -682,6 +687,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	s, arrived, limit := h.hub.attach(key, target, r.Header, last, h.MaxClients)
 	if limit != "" {
 		metrics.refused.WithLabelValues(limit).Inc()
+		if ce := h.logger.Check(zapcore.DebugLevel, "request refused: a limit is reached"); ce != nil {
+			ce.Write(zap.String("limit", limit), zap.String("stream", keyHash(key)))
+		}
 		writeRefusal(w, r, refusalRetryMinMillis+rand.N(refusalRetrySpread))
 		return nil
 	}

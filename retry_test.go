@@ -1,8 +1,10 @@
 package ssefanout
 
 import (
+	"encoding/json"
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -59,5 +61,17 @@ func TestOriginRetryZero(t *testing.T) {
 	late.waitFor(t, "data: once\n\n", 5*time.Second)
 	if !strings.HasPrefix(late.bytes(), "retry: 0\n") {
 		t.Fatalf("a client that joined was not told retry 0: %q", truncate(late.bytes(), 200))
+	}
+	// the admin view tells a retry of 0 from none sent
+	rec := httptest.NewRecorder()
+	if err := (adminStreams{}).serve(rec, httptest.NewRequest(http.MethodGet, "/sse_fanout/streams", nil)); err != nil {
+		t.Fatal(err)
+	}
+	var view []hubStatus
+	if err := json.Unmarshal(rec.Body.Bytes(), &view); err != nil || len(view) != 1 || len(view[0].Streams) != 1 {
+		t.Fatalf("admin view %s: %v", rec.Body.String(), err)
+	}
+	if r := view[0].Streams[0].RetryMillis; r == nil || *r != 0 {
+		t.Fatalf("admin view shows origin_retry_ms %v for an origin's retry: 0, want 0: %s", r, rec.Body.String())
 	}
 }
