@@ -2,8 +2,8 @@ package ssefanout
 
 import (
 	"encoding/json"
-	"fmt"
 	"flag"
+	"fmt"
 	"net/http"
 	"os"
 	"path/filepath"
