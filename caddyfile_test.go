@@ -175,10 +175,10 @@ http://127.0.0.1:1 {
 			history 10
 		}
 	}
-	handle {
-		sse_fanout http://127.0.0.1:2 {
-			history 20
-		}
+}
+http://127.0.0.1:3 {
+	sse_fanout http://127.0.0.1:2 {
+		history 20
 	}
 }
 `
@@ -195,7 +195,8 @@ http://127.0.0.1:1 {
 	if err == nil {
 		t.Fatal("two handlers sharing streams with different history validated")
 	}
-	for _, want := range []string{"http://127.0.0.1:2", "history 10", "20", "give both the same history"} {
+	// the servers are provisioned in either order
+	for _, want := range []string{"http://127.0.0.1:2", "in servers srv", "srv0", "srv1", "sets history ", "10", "20", "give both the same history"} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("error %q does not say %q", err, want)
 		}

@@ -142,7 +142,7 @@ func (h *hub) propose(c *hubConfig) error {
 	defer h.mu.Unlock()
 	for _, other := range h.configs {
 		if other.done == c.done && other.settings != c.settings {
-			return h.conflictingSettings(other.settings, c.settings)
+			return h.conflictingSettings(other, c)
 		}
 	}
 	h.configs = append(h.configs, c)
@@ -151,10 +151,14 @@ func (h *hub) propose(c *hubConfig) error {
 
 // conflictingSettings says which setting two handlers of one config that
 // share this hub set differently, and what to do.
-func (h *hub) conflictingSettings(a, b hubSettings) error {
-	name, va, vb := a.diff(b)
-	return fmt.Errorf("two sse_fanout handlers for upstream %s with the same vary, header_up and transport share their streams, but one sets %s %v and the other %v: give both the same %s",
-		h.tmpl.raw, name, va, vb, name)
+func (h *hub) conflictingSettings(a, b *hubConfig) error {
+	name, va, vb := a.settings.diff(b.settings)
+	where := "in server " + a.server
+	if a.server != b.server {
+		where = "in servers " + a.server + " and " + b.server
+	}
+	return fmt.Errorf("two sse_fanout handlers for upstream %s (%s) with the same vary, header_up and transport share their streams, but the first sets %s %v and the second %v: give both the same %s",
+		h.tmpl.raw, where, name, va, vb, name)
 }
 
 // activate puts a config's settings, transport and logger in force for the
