@@ -42,6 +42,27 @@ func threeNodes(t *testing.T, nc *natsCluster, origin, name, extra string) []*ca
 	return nodes
 }
 
+// heldStream starts three nodes under name with n clients of path spread
+// over them, waits until one node holds the stream, then has the origin
+// send an event every 100 ms until the first client got 10. The ticker
+// stops at the end of the test if the test did not stop it.
+func heldStream(t *testing.T, nc *natsCluster, o *eventOrigin, name, path string, n int) (nodes []*caddyNode, clients []*esClient, holder int, tk *ticker) {
+	t.Helper()
+	nodes = threeNodes(t, nc, o.URL, name, "")
+	for i := range n {
+		c := &esClient{}
+		c.follow(t, nodes[i%3].Base+path)
+		t.Cleanup(c.close)
+		clients = append(clients, c)
+	}
+	eventually(t, 15*time.Second, func() bool { holder = holderOf(t, nodes); return holder >= 0 && o.open() == 1 }, func() string { return "no holder" })
+	time.Sleep(500 * time.Millisecond)
+	tk = o.tick(100 * time.Millisecond)
+	t.Cleanup(func() { tk.halt() })
+	clients[0].waitEvent(t, 10, 10*time.Second)
+	return nodes, clients, holder, tk
+}
+
 // holderOf returns the index of the node that holds the stream, by the
 // nodes' admin views, or -1.
 func holderOf(t testing.TB, nodes []*caddyNode) int {
@@ -159,20 +180,7 @@ func TestClusterFinalAnswersReachEveryNode(t *testing.T) {
 func TestClusterTakeOverAfterKill(t *testing.T) {
 	nc := startNATSCluster(t)
 	o := newEventOrigin(t)
-	nodes := threeNodes(t, nc, o.URL, "kill", "")
-	var clients []*esClient
-	for i := range 6 {
-		c := &esClient{}
-		c.follow(t, nodes[i%3].Base+"/k")
-		t.Cleanup(c.close)
-		clients = append(clients, c)
-	}
-	var holder int
-	eventually(t, 15*time.Second, func() bool { holder = holderOf(t, nodes); return holder >= 0 && o.open() == 1 }, func() string { return "no holder" })
-	time.Sleep(500 * time.Millisecond)
-	tk := o.tick(100 * time.Millisecond)
-	defer tk.halt()
-	clients[0].waitEvent(t, 10, 10*time.Second)
+	nodes, clients, holder, tk := heldStream(t, nc, o, "kill", "/k", 6)
 
 	killed := time.Now()
 	nodes[holder].p.signal(syscall.SIGKILL)
@@ -208,20 +216,7 @@ func TestClusterTakeOverGapCounted(t *testing.T) {
 	nc := startNATSCluster(t)
 	o := newEventOrigin(t)
 	o.ignoreID.Store(true)
-	nodes := threeNodes(t, nc, o.URL, "gap", "")
-	var clients []*esClient
-	for i := range 3 {
-		c := &esClient{}
-		c.follow(t, nodes[i].Base+"/g")
-		t.Cleanup(c.close)
-		clients = append(clients, c)
-	}
-	var holder int
-	eventually(t, 15*time.Second, func() bool { holder = holderOf(t, nodes); return holder >= 0 && o.open() == 1 }, func() string { return "no holder" })
-	time.Sleep(500 * time.Millisecond)
-	tk := o.tick(100 * time.Millisecond)
-	defer tk.halt()
-	clients[0].waitEvent(t, 10, 10*time.Second)
+	nodes, clients, holder, tk := heldStream(t, nc, o, "gap", "/g", 3)
 	nodes[holder].p.signal(syscall.SIGKILL)
 	<-nodes[holder].p.done
 	var next int
@@ -254,20 +249,7 @@ func TestClusterTakeOverGapCounted(t *testing.T) {
 func TestClusterPausedHolderIsFenced(t *testing.T) {
 	nc := startNATSCluster(t)
 	o := newEventOrigin(t)
-	nodes := threeNodes(t, nc, o.URL, "pause", "")
-	var clients []*esClient
-	for i := range 3 {
-		c := &esClient{}
-		c.follow(t, nodes[i].Base+"/p")
-		t.Cleanup(c.close)
-		clients = append(clients, c)
-	}
-	var holder int
-	eventually(t, 15*time.Second, func() bool { holder = holderOf(t, nodes); return holder >= 0 && o.open() == 1 }, func() string { return "no holder" })
-	time.Sleep(500 * time.Millisecond)
-	tk := o.tick(100 * time.Millisecond)
-	defer tk.halt()
-	clients[0].waitEvent(t, 10, 10*time.Second)
+	nodes, clients, holder, tk := heldStream(t, nc, o, "pause", "/p", 3)
 
 	nodes[holder].p.signal(syscall.SIGSTOP)
 	time.Sleep(3 * clusterLease)

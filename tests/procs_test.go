@@ -264,57 +264,28 @@ func (c *natsCluster) alive(name string) bool {
 	return false
 }
 
-// streamLeader returns the index of the node that leads a JetStream
-// stream, or -1.
-func (c *natsCluster) streamLeader(stream string) int {
-	for i, n := range c.nodes {
-		if n.p == nil || n.p.exited() {
-			continue
-		}
-		var jsz struct {
-			Accounts []struct {
-				Streams []struct {
-					Name    string `json:"name"`
-					Cluster struct {
-						Leader string `json:"leader"`
-					} `json:"cluster"`
-				} `json:"stream_detail"`
-			} `json:"account_details"`
-		}
-		if !getJSON(fmt.Sprintf("http://127.0.0.1:%d/jsz?streams=true", n.monitor), &jsz) {
-			continue
-		}
-		for _, a := range jsz.Accounts {
-			for _, s := range a.Streams {
-				if s.Name == stream && s.Cluster.Leader != "" {
-					for j, o := range c.nodes {
-						if o.name == s.Cluster.Leader {
-							return j
-						}
-					}
-				}
-			}
-		}
-		_ = i
-	}
-	return -1
+// jszStream is what a NATS server's monitoring endpoint says of one
+// JetStream stream.
+type jszStream struct {
+	Name    string `json:"name"`
+	Cluster struct {
+		Leader string `json:"leader"`
+	} `json:"cluster"`
+	Config struct {
+		MaxMsgsPerSubject int64 `json:"max_msgs_per_subject"`
+	} `json:"config"`
 }
 
-// logMaxPerSubject returns the max_msgs_per_subject of a JetStream stream
-// as the cluster reports it, or -1.
-func (c *natsCluster) logMaxPerSubject(stream string) int64 {
+// stream returns what the first live server that answers says of a
+// JetStream stream, with its config.
+func (c *natsCluster) stream(name string) (jszStream, bool) {
 	for _, n := range c.nodes {
 		if n.p == nil || n.p.exited() {
 			continue
 		}
 		var jsz struct {
 			Accounts []struct {
-				Streams []struct {
-					Name   string `json:"name"`
-					Config struct {
-						MaxMsgsPerSubject int64 `json:"max_msgs_per_subject"`
-					} `json:"config"`
-				} `json:"stream_detail"`
+				Streams []jszStream `json:"stream_detail"`
 			} `json:"account_details"`
 		}
 		if !getJSON(fmt.Sprintf("http://127.0.0.1:%d/jsz?streams=true&config=true", n.monitor), &jsz) {
@@ -322,11 +293,33 @@ func (c *natsCluster) logMaxPerSubject(stream string) int64 {
 		}
 		for _, a := range jsz.Accounts {
 			for _, s := range a.Streams {
-				if s.Name == stream {
-					return s.Config.MaxMsgsPerSubject
+				if s.Name == name && s.Cluster.Leader != "" {
+					return s, true
 				}
 			}
 		}
+	}
+	return jszStream{}, false
+}
+
+// streamLeader returns the index of the node that leads a JetStream
+// stream, or -1.
+func (c *natsCluster) streamLeader(stream string) int {
+	if s, ok := c.stream(stream); ok {
+		for j, o := range c.nodes {
+			if o.name == s.Cluster.Leader {
+				return j
+			}
+		}
+	}
+	return -1
+}
+
+// logMaxPerSubject returns the max_msgs_per_subject of a JetStream stream
+// as the cluster reports it, or -1.
+func (c *natsCluster) logMaxPerSubject(stream string) int64 {
+	if s, ok := c.stream(stream); ok {
+		return s.Config.MaxMsgsPerSubject
 	}
 	return -1
 }
