@@ -153,11 +153,15 @@ func (h *hub) propose(c *hubConfig) error {
 // share this hub set differently, and what to do.
 func (h *hub) conflictingSettings(a, b *hubConfig) error {
 	name, va, vb := a.settings.diff(b.settings)
-	where := "in server " + a.server
-	if a.server != b.server {
-		where = "in servers " + a.server + " and " + b.server
+	where := ""
+	switch {
+	case a.server == "" || b.server == "": // provisioned outside an HTTP server
+	case a.server == b.server:
+		where = " (in server " + a.server + ")"
+	default:
+		where = " (in servers " + a.server + " and " + b.server + ")"
 	}
-	return fmt.Errorf("two sse_fanout handlers for upstream %s (%s) with the same vary, header_up and transport share their streams, but the first sets %s %v and the second %v: give both the same %s",
+	return fmt.Errorf("two sse_fanout handlers for upstream %s%s with the same vary, header_up and transport share their streams, but the first sets %s %v and the second %v: give both the same %s",
 		h.tmpl.raw, where, name, va, vb, name)
 }
 
