@@ -185,27 +185,7 @@ func serverSndbuf(t testing.TB, conn net.Conn) int {
 func TestDirectPathReach(t *testing.T) {
 	leakCheck(t)
 	o := newOrigin(t)
-	port := freePort(t)
-	loadCaddyfile(t, fmt.Sprintf(`{
-	admin off
-	auto_https off
-	persist_config off
-	grace_period 2s
-	servers {
-		protocols h1
-	}
-}
-http://127.0.0.1:%d {
-	bind 127.0.0.1
-	sse_fanout %s {
-		client_send_buffer 64KiB
-		linger 200ms
-	}
-}
-`, port, o.URL))
-	t.Cleanup(func() { _ = caddy.Stop() })
-	base := fmt.Sprintf("http://127.0.0.1:%d", port)
-	waitUp(t, base)
+	base := startCaddyWith(t, "protocols h1", "sse_fanout "+o.URL+" {\n client_send_buffer 64KiB\n linger 200ms\n}")
 
 	// HTTP/1.0 cannot carry a chunked body: served through net/http
 	conn, err := net.Dial("tcp", strings.TrimPrefix(base, "http://"))
@@ -324,36 +304,15 @@ http://127.0.0.1:%d {
 func TestSendBufferUnderH2c(t *testing.T) {
 	leakCheck(t)
 	o := newOrigin(t)
-	port := freePort(t)
-	loadCaddyfile(t, fmt.Sprintf(`{
-	admin off
-	auto_https off
-	persist_config off
-	grace_period 2s
-	servers {
-		protocols h2c
-	}
-}
-http://127.0.0.1:%d {
-	bind 127.0.0.1
-	sse_fanout %s {
-		client_send_buffer 64KiB
-		linger 200ms
-	}
-}
-`, port, o.URL))
-	t.Cleanup(func() { _ = caddy.Stop() })
-	base := fmt.Sprintf("http://127.0.0.1:%d", port)
-	waitUp(t, base)
+	base := startCaddyWith(t, "protocols h2c", "sse_fanout "+o.URL+" {\n client_send_buffer 64KiB\n linger 200ms\n}")
 
 	var dialed net.Conn
-	h2c := &http.Transport{Protocols: new(http.Protocols), DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+	h2c := newH2CTransport(t)
+	h2c.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
 		c, err := (&net.Dialer{}).DialContext(ctx, network, addr)
 		dialed = c
 		return c, err
-	}}
-	h2c.Protocols.SetUnencryptedHTTP2(true)
-	defer h2c.CloseIdleConnections()
+	}
 	c, err := tryConnect(h2c, base+"/h2c", nil)
 	if err != nil {
 		t.Fatal(err)

@@ -5,7 +5,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"strconv"
 	"strings"
@@ -20,7 +19,6 @@ import (
 // n from the log, then live ones, unless ignoreID; it counts connections.
 type eventOrigin struct {
 	URL      string
-	srv      *http.Server
 	mu       sync.Mutex
 	log      []string
 	conns    map[chan string]bool
@@ -33,18 +31,8 @@ type eventOrigin struct {
 
 func newEventOrigin(t testing.TB) *eventOrigin {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	o := &eventOrigin{URL: "http://" + ln.Addr().String(), conns: map[chan string]bool{}, lastIDs: make(chan string, 10000)}
-	o.srv = &http.Server{Handler: http.HandlerFunc(o.serve)}
-	go func() { _ = o.srv.Serve(ln) }()
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		_ = o.srv.Shutdown(ctx)
-	})
+	o := &eventOrigin{conns: map[chan string]bool{}, lastIDs: make(chan string, 10000)}
+	o.URL = serveLoopback(t, o.serve)
 	return o
 }
 

@@ -226,7 +226,6 @@ func eventually(t testing.TB, within time.Duration, cond func() bool, msg func()
 // origin is a real SSE origin on loopback whose events the test controls:
 // send writes raw bytes to every open stream of a path.
 type origin struct {
-	srv      *http.Server
 	URL      string
 	mu       sync.Mutex
 	subs     map[string]map[chan []byte]bool
@@ -237,19 +236,27 @@ type origin struct {
 // newOrigin starts an origin on a free port; it stops at test cleanup.
 func newOrigin(t testing.TB) *origin {
 	t.Helper()
+	o := &origin{subs: map[string]map[chan []byte]bool{}, requests: make(chan *http.Request, 1024)}
+	o.URL = serveLoopback(t, o.serve)
+	return o
+}
+
+// serveLoopback serves handler on a free loopback port until the test's
+// cleanup, and returns its base URL.
+func serveLoopback(t testing.TB, handler http.HandlerFunc) string {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	o := &origin{URL: "http://" + ln.Addr().String(), subs: map[string]map[chan []byte]bool{}, requests: make(chan *http.Request, 1024)}
-	o.srv = &http.Server{Handler: http.HandlerFunc(o.serve)}
-	go func() { _ = o.srv.Serve(ln) }()
+	srv := &http.Server{Handler: handler}
+	go func() { _ = srv.Serve(ln) }()
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		_ = o.srv.Shutdown(ctx)
+		_ = srv.Shutdown(ctx)
 	})
-	return o
+	return "http://" + ln.Addr().String()
 }
 
 func (o *origin) serve(w http.ResponseWriter, r *http.Request) {
