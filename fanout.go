@@ -5,7 +5,6 @@ import (
 	"errors"
 	"net"
 	"runtime"
-	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -34,11 +33,13 @@ type fanout struct {
 	// sentAt mirrors sent for publishers, and is zero while the writer
 	// has no fast client
 	sentAt atomic.Uint64
+
+	// active is whether the writer goroutine runs: it has fast clients or
+	// clients to merge, and ends when it has neither. Set under mu.
 	active atomic.Bool
 
-	mu      sync.Mutex
-	adds    []*client // handed over, not yet merged into fast
-	running bool      // the writer goroutine runs; it ends when fast and adds are empty
+	mu   sync.Mutex
+	adds []*client // handed over, not yet merged into fast
 
 	// Owned by the writer goroutine.
 	fast []*client
@@ -48,7 +49,6 @@ type fanout struct {
 	// batch and batchNoRetry hold several entries' frames, coalesced
 	// once and written to every fast client
 	batch, batchNoRetry []byte
-	timer               *time.Timer
 }
 
 func newFanout(s *stream) *fanout {
@@ -69,13 +69,12 @@ func (f *fanout) wake() {
 func (f *fanout) adopt(c *client) {
 	f.mu.Lock()
 	f.adds = append(f.adds, c)
+	start := !f.active.Load()
 	// publishers keep what it has not been sent yet until it is merged
-	if !f.active.Load() || c.cursor < f.sentAt.Load() {
+	if start || c.cursor < f.sentAt.Load() {
 		f.sentAt.Store(c.cursor)
 	}
 	f.active.Store(true)
-	start := !f.running
-	f.running = true
 	f.mu.Unlock()
 	if start {
 		go f.run()
@@ -87,8 +86,8 @@ func (f *fanout) adopt(c *client) {
 // run is the writer: a pass at each publish or signal, and at the next
 // keepalive or drain deadline, until no fast client is left.
 func (f *fanout) run() {
-	f.timer = time.NewTimer(time.Hour)
-	defer f.timer.Stop()
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
 	for {
 		next := f.pass()
 		f.mu.Lock()
@@ -104,20 +103,19 @@ func (f *fanout) run() {
 		case f.progress <- struct{}{}:
 		default:
 		}
-		if len(f.fast) == 0 && len(f.adds) == 0 {
-			f.running = false
+		if !f.active.Load() {
 			f.mu.Unlock()
 			return
 		}
 		f.mu.Unlock()
 		if !next.IsZero() {
-			f.timer.Reset(time.Until(next))
+			timer.Reset(time.Until(next))
 		}
 		select {
 		case <-f.poke:
-		case <-f.timer.C:
+		case <-timer.C:
 		}
-		f.timer.Stop()
+		timer.Stop()
 	}
 }
 
@@ -138,20 +136,23 @@ func (f *fanout) pass() (next time.Time) {
 	}
 	evicted := f.sent < s.hist.oldest()
 	b := f.collect(f.sent)
-	type catchUp struct {
+	// the clients handed over that join now, with what each lacks
+	type merging struct {
+		c *client
 		p []byte
 		t tally
 	}
-	catchUps := make([]catchUp, len(adds))
+	var merges []merging
 	var lagging, later []*client
-	for i, c := range adds {
+	for _, c := range adds {
 		switch {
 		case c.cursor > b.next:
 			later = append(later, c) // ahead of this pass: the next one
 		case c.cursor < s.hist.oldest():
 			lagging = append(lagging, c)
 		default:
-			catchUps[i].p, catchUps[i].t = s.hist.frames(c.cursor, b.next, c.h.Retry > 0)
+			p, t := s.hist.frames(c.cursor, b.next, c.h.Retry > 0)
+			merges = append(merges, merging{c, p, t})
 		}
 	}
 	final := s.state == stateFinal
@@ -168,10 +169,8 @@ func (f *fanout) pass() (next time.Time) {
 		f.sendAll(b, now)
 		f.sent = b.next
 	}
-	for i, c := range adds {
-		if !slices.Contains(later, c) && !slices.Contains(lagging, c) {
-			f.merge(c, catchUps[i].p, catchUps[i].t, now)
-		}
+	for _, m := range merges {
+		f.merge(m.c, m.p, m.t, now)
 	}
 	for _, c := range lagging {
 		s.stats.drop(dropLagging)
@@ -208,8 +207,7 @@ type batch struct {
 // stream's lock.
 func (f *fanout) blocks(size int) bool {
 	h := &f.s.hist
-	full := h.count > 0 && (h.count >= h.limit || h.bytes+int64(size) > h.maxBytes)
-	return full && f.active.Load() && f.sentAt.Load() <= h.oldest()
+	return h.full(size) && f.active.Load() && f.sentAt.Load() <= h.oldest()
 }
 
 // waitProgress waits for the writer's next pass, at most until deadline.

@@ -82,9 +82,15 @@ func (h *history) append(e entry) {
 	h.total += uint64(len(e.frame))
 }
 
+// full reports whether appending an entry of size bytes must first drop
+// the oldest entry.
+func (h *history) full(size int) bool {
+	return h.count > 0 && (h.count >= h.limit || h.bytes+int64(size) > h.maxBytes)
+}
+
 // evict drops the oldest entries until one of size more fits.
 func (h *history) evict(size int) {
-	for h.count > 0 && (h.count >= h.limit || h.bytes+int64(size) > h.maxBytes) {
+	for h.full(size) {
 		h.dropOldest()
 	}
 }
