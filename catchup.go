@@ -55,8 +55,6 @@ const (
 // catchUp is one dedicated upstream request and the clients that follow it.
 // It is the sink of its upstream source.
 type catchUp struct {
-	s      *stream
-	id     string
 	ctx    context.Context
 	cancel context.CancelFunc
 	start  time.Time
@@ -228,7 +226,7 @@ func (s *stream) tryCatchUp(id string, maxPerStream int) (cu *catchUp, r *catchU
 	}
 	ctx, cancel := context.WithCancel(s.ctx)
 	cu = &catchUp{
-		s: s, id: id, ctx: ctx, cancel: cancel, start: time.Now(),
+		ctx: ctx, cancel: cancel, start: time.Now(),
 		readers: map[*catchUpReader]bool{r: true},
 		wake:    make(chan struct{}), space: make(chan struct{}),
 	}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -273,7 +274,7 @@ func (ls *logSink) append(e entry) {
 		ls.mu.Lock()
 	}
 	if e.kind == entryEvent && ls.w.c.s.hub.assignIDs {
-		if i := lastDash(e.id); i >= 0 {
+		if i := strings.LastIndexByte(e.id, '-'); i >= 0 {
 			ls.pos.proxySeq, _ = strconv.ParseUint(e.id[i+1:], 10, 64)
 		}
 	}
@@ -281,15 +282,6 @@ func (ls *logSink) append(e entry) {
 	ls.bytes += len(e.frame)
 	ls.mu.Unlock()
 	signal(ls.wake)
-}
-
-func lastDash(s string) int {
-	for i := len(s) - 1; i >= 0; i-- {
-		if s[i] == '-' {
-			return i
-		}
-	}
-	return -1
 }
 
 // answer queues the origin's answer to an attempt.

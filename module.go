@@ -291,7 +291,8 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		logger: h.logger,
 		done:   ctx.Done(),
 	}
-	if srv, ok := ctx.Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server); ok && srv != nil {
+	srv, _ := ctx.Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server)
+	if srv != nil {
 		h.hubCfg.server = srv.Name()
 	}
 	if h.Cluster != nil {
@@ -324,7 +325,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
 		return err
 	}
-	if srv, ok := ctx.Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server); ok && srv != nil {
+	if srv != nil {
 		srv.RegisterOnShutdown(h.shutdown)
 		rememberConns(srv)
 		h.server = srv
@@ -546,9 +547,6 @@ func (h *Handler) provisionHeaderUp(ctx caddy.Context) error {
 func (h *Handler) provisionTransport(ctx caddy.Context) error {
 	if h.TransportRaw == nil {
 		h.TransportRaw = json.RawMessage(`{"protocol":"http"}`)
-	}
-	if err := checkTransport(h.TransportRaw); err != nil {
-		return err
 	}
 	var probe reverseproxy.HTTPTransport
 	if err := json.Unmarshal(h.TransportRaw, &probe); err != nil {

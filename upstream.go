@@ -435,7 +435,7 @@ type idAssigner struct {
 }
 
 func newIDAssigner() *idAssigner {
-	return &idAssigner{epoch: fmt.Sprintf("%016x", rand.Uint64())}
+	return &idAssigner{epoch: newEpoch()}
 }
 
 // assign sets r's id to the next proxy id, replacing any the origin sent.
