@@ -45,23 +45,34 @@ type client struct {
 	h      *Handler
 	s      *stream
 	cursor uint64
-	// deadline is the write deadline in force.
+	// deadline is the write deadline in force, and timeout how long a
+	// write may stay blocked: write_timeout, capped by the server's
+	// write_idle_timeout where the client's writes pass beneath it.
 	deadline time.Time
+	timeout  time.Duration
+	// idleGuard, for HTTP/2 clients, fires shortly before the deadline,
+	// to clear it if the client is still idle then (see clearWhenIdle).
+	idleGuard *time.Timer
 	// endAt, once its config stops, is its point in the drain window.
 	endAt time.Time
 
-	// The net/http path.
-	w  http.ResponseWriter
-	rc *http.ResponseController
+	// The net/http path. logEnd: its writes pass beneath Caddy's access
+	// log recorder, so its end is logged like a hijacked stream's.
+	w      http.ResponseWriter
+	rc     *http.ResponseController
+	logEnd bool
 
 	// The fast path, after the hijack.
 	sock      *rawSocket
 	hangup    chan struct{} // closed when the peer hung up
 	gone      atomic.Bool
 	unwatch   func()
-	started   time.Time
-	sent      int64     // bytes written since the hijack
 	lastWrite time.Time // for keepalives while its stream's writer has it
+
+	// For the log of a stream whose end is the module's to log: since the
+	// hijack, or since its writes passed beneath the access log.
+	started time.Time
+	sent    int64
 
 	// unknownID is the client's Last-Event-ID when the history lacks it:
 	// the client is caught up from the origin before its loop, or starts
@@ -80,7 +91,13 @@ func (h *Handler) serveClient(w http.ResponseWriter, r *http.Request, s *stream,
 	if !h.awaitFirstAnswer(ctx, s) {
 		return false
 	}
-	c := &client{h: h, s: s, w: w, rc: http.NewResponseController(w)}
+	c := &client{h: h, s: s, w: w, rc: http.NewResponseController(w), timeout: time.Duration(h.WriteTimeout)}
+	if r.ProtoMajor == 2 {
+		// see clearWhenIdle
+		c.idleGuard = time.NewTimer(time.Hour)
+		c.idleGuard.Stop()
+		defer c.idleGuard.Stop()
+	}
 	prelude, respHeader, final := c.start(last, arrived)
 	if final != nil {
 		writeFinal(w, final)
@@ -101,7 +118,15 @@ func (h *Handler) serveClient(w http.ResponseWriter, r *http.Request, s *stream,
 		c.runOwn()
 		return true
 	}
-	c.loop(ctx.Done())
+	if inner, bound, skippedLog := streamWriter(w, c.timeout); inner != w {
+		// the next write sets a deadline of the new bound
+		c.w, c.rc, c.timeout, c.deadline = inner, http.NewResponseController(inner), bound, time.Time{}
+		c.logEnd, c.started = skippedLog, time.Now()
+	}
+	end := c.loop(ctx.Done())
+	if c.logEnd {
+		h.logStreamEnd(c, end)
+	}
 	// the deadline of the last write may have passed while the stream
 	// was idle; give net/http's final flush a fresh one
 	_ = c.rc.SetWriteDeadline(time.Now().Add(time.Duration(h.WriteTimeout)))
@@ -324,6 +349,10 @@ func (c *client) loop(done <-chan struct{}) (end string) {
 		defer ka.Stop()
 		kaC = ka.C
 	}
+	var guard <-chan time.Time
+	if c.idleGuard != nil {
+		guard = c.idleGuard.C
+	}
 	var drain <-chan time.Time
 	var drainTimer *time.Timer
 	defer func() {
@@ -436,13 +465,10 @@ func (c *client) loop(done <-chan struct{}) (end string) {
 				return ""
 			}
 		}
-		// HTTP/2 resets a stream whose write deadline passes even with no
-		// write under way: clear it unless a keepalive comes first
-		if !c.deadline.IsZero() && (keepalive <= 0 || keepalive >= time.Until(c.deadline)) {
-			c.setWriteDeadline(time.Time{})
-		}
 		select {
 		case <-wake:
+		case <-guard:
+			c.setWriteDeadline(time.Time{}) // clearWhenIdle
 		case <-kaC:
 			if err := c.write(c.keepalive()); err != nil {
 				return writeEnd(err)
@@ -561,7 +587,7 @@ func (c *client) write(p []byte) error {
 	// the deadline is moved only once a quarter of write_timeout has been
 	// used: setting it costs more than the write on a busy stream, and a
 	// blocked write is still cut after 3/4 to all of write_timeout
-	timeout := time.Duration(c.h.WriteTimeout)
+	timeout := c.timeout
 	if now := time.Now(); c.deadline.Sub(now) < timeout-timeout/4 {
 		c.setWriteDeadline(now.Add(timeout))
 	}
@@ -574,7 +600,9 @@ func (c *client) write(p []byte) error {
 		return err
 	}
 	if len(p) > 0 {
-		if _, err := c.w.Write(p); err != nil {
+		n, err := c.w.Write(p)
+		c.sent += int64(n)
+		if err != nil {
 			c.writeFailed(err)
 			return err
 		}
@@ -603,6 +631,24 @@ func (c *client) setWriteDeadline(t time.Time) {
 		return
 	}
 	_ = c.rc.SetWriteDeadline(t)
+	c.clearWhenIdle(t)
+}
+
+// clearWhenIdle arms an HTTP/2 client's idle guard for the deadline t:
+// HTTP/2 resets a stream whose write deadline passes even with no write
+// under way, so the deadline is cleared shortly before it passes if the
+// client is idle then. On a busy stream the guard only moves with the
+// deadline, once per quarter of the timeout; over HTTP/1 and HTTP/3 a
+// passed deadline only fails the next write, which moves it first.
+func (c *client) clearWhenIdle(t time.Time) {
+	if c.idleGuard == nil {
+		return
+	}
+	if t.IsZero() {
+		c.idleGuard.Stop()
+		return
+	}
+	c.idleGuard.Reset(time.Until(t) - c.timeout/4)
 }
 
 func (c *client) debug(msg string) {
