@@ -234,7 +234,8 @@ func (s *stream) tryCatchUp(id string, maxPerStream int) (cu *catchUp, r *catchU
 	s.lastCatchUp = cu.start
 	s.stats.catchUps.Add(1)
 	h.catchUps.Add(1)
-	src := &upstream{hub: h, target: s.target, header: s.header, name: s.name, resume: id, once: true, label: sourceCatchUp}
+	src := s.upstreamFrom(id, sourceCatchUp)
+	src.once = true
 	go func() {
 		defer func() {
 			cu.end()

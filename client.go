@@ -74,11 +74,10 @@ type client struct {
 	started time.Time
 	sent    int64
 
-	// unknownID is the client's Last-Event-ID when the history lacks it:
+	// unknown is the client's Last-Event-ID when the history lacks it:
 	// the client is caught up from the origin before its loop, or starts
 	// live with a gap.
-	unknownID    string
-	hasUnknownID bool
+	unknown lastID
 	// arrived is the stream's head when the client arrived.
 	arrived uint64
 }
@@ -263,7 +262,7 @@ func (c *client) start(last lastID, arrived uint64) (prelude []byte, respHeader 
 		} else {
 			// caught up from the origin, or live with a gap: decided
 			// by its loop, which may have to wait for a slot
-			c.unknownID, c.hasUnknownID = last.id, true
+			c.unknown = last
 		}
 	}
 	if !found {
@@ -280,7 +279,7 @@ func (c *client) start(last lastID, arrived uint64) (prelude []byte, respHeader 
 	// a client starting at the head gets the committed id, so that it
 	// can resume before its first event (one to be caught up gets its
 	// ids from the catch-up)
-	if !found && !c.hasUnknownID && c.cursor == s.hist.head && s.hasID {
+	if !found && !c.unknown.set && c.cursor == s.hist.head && s.hasID {
 		pre = appendIDBlock(pre, s.lastID)
 	}
 	// while the origin is down or silent, a first comment at once: an
@@ -380,7 +379,7 @@ func (c *client) loop(done <-chan struct{}) (end string) {
 	if !c.endAt.IsZero() && !startDrain() { // handed back while draining
 		return endDrained
 	}
-	if c.hasUnknownID {
+	if c.unknown.set {
 		if end := c.resume(done); end != "" {
 			return end
 		}
@@ -487,8 +486,8 @@ func (c *client) loop(done <-chan struct{}) (end string) {
 // catch-up, until it splices onto the shared stream, or live from where it
 // arrived with a gap counted when no catch-up can be had.
 func (c *client) resume(done <-chan struct{}) (end string) {
-	id := c.unknownID
-	c.unknownID, c.hasUnknownID = "", false
+	id := c.unknown.id
+	c.unknown = lastID{}
 	h, s := c.h, c.s
 	if cs, ok := s.src.(*clusterSource); ok {
 		// another node's holder may have published it: wait until this

@@ -161,6 +161,12 @@ var natsLinks = caddy.NewUsagePool()
 type natsLink struct {
 	nc *nats.Conn
 	js jetstream.JetStream
+
+	mu sync.Mutex
+	// reconnected is closed, and replaced, each time the connection comes
+	// back: the log's followers then make their consumers again (see
+	// clusterSource.consume)
+	reconnected chan struct{}
 }
 
 // linkKey identifies a NATS connection.
@@ -172,6 +178,7 @@ func (c *NATSConfig) linkKey() string {
 // dialNATS connects to NATS, or starts trying to: NATS being unreachable
 // is not an error (the node starts in fall-back).
 func dialNATS(c *NATSConfig, logger *zap.Logger) (*natsLink, error) {
+	link := &natsLink{reconnected: make(chan struct{})}
 	opts := []nats.Option{
 		nats.Name("caddy-sse-fanout " + nodeID),
 		nats.MaxReconnects(-1),
@@ -186,6 +193,10 @@ func dialNATS(c *NATSConfig, logger *zap.Logger) (*natsLink, error) {
 		}),
 		nats.ReconnectHandler(func(nc *nats.Conn) {
 			logger.Info("NATS connection back", zap.String("server", nc.ConnectedUrlRedacted()))
+			link.mu.Lock()
+			close(link.reconnected)
+			link.reconnected = make(chan struct{})
+			link.mu.Unlock()
 		}),
 	}
 	if c.Credentials != "" {
@@ -206,7 +217,15 @@ func dialNATS(c *NATSConfig, logger *zap.Logger) (*natsLink, error) {
 		nc.Close()
 		return nil, fmt.Errorf("connecting to NATS: %v", err)
 	}
-	return &natsLink{nc: nc, js: js}, nil
+	link.nc, link.js = nc, js
+	return link, nil
+}
+
+// reconnects returns a channel closed when the connection next comes back.
+func (l *natsLink) reconnects() <-chan struct{} {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.reconnected
 }
 
 // Destruct closes the connection once no config uses it.

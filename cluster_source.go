@@ -262,11 +262,8 @@ func (c *clusterSource) stalled() bool {
 func (c *clusterSource) fallback(ctx context.Context, sink sink) (over bool) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	id, ok := c.origin()
-	u := &upstream{hub: c.s.hub, target: c.s.target, header: c.s.header, name: c.s.name, label: sourceStream}
-	if ok {
-		u.resume = id
-	}
+	id, _ := c.origin() // "" when the history has no origin id
+	u := c.s.upstreamFrom(id, sourceStream)
 	if c.s.hub.assignIDs {
 		_, _, _, epoch := c.cl.objects()
 		c.mu.Lock()
@@ -368,16 +365,23 @@ func (c *clusterSource) consume(ctx context.Context, sink sink) error {
 	c.mu.Lock()
 	start, splicing := c.applied+1, c.hasSplice
 	c.mu.Unlock()
-	cfg := jetstream.ConsumerConfig{
-		AckPolicy: jetstream.AckNonePolicy, MemoryStorage: true, Replicas: 1,
-		InactiveThreshold: 30 * time.Second, FilterSubject: c.subject,
-		DeliverPolicy: jetstream.DeliverByStartSequencePolicy, OptStartSeq: start,
+	// an ordered consumer, in one server's memory: made again by follow
+	// after any failure (the client library's own reset makes one
+	// attempt), and dropped by the server 30 s after this follower is gone
+	ocfg := jetstream.OrderedConsumerConfig{
+		FilterSubjects: []string{c.subject}, DeliverPolicy: jetstream.DeliverByStartSequencePolicy, OptStartSeq: start,
+		InactiveThreshold: 30 * time.Second, MaxResetAttempts: 1,
 	}
 	if start == 1 || splicing {
 		// the whole retained log: the history of a stream new on this
 		// node, or the ground on which a rejoin splices
-		cfg.DeliverPolicy, cfg.OptStartSeq = jetstream.DeliverAllPolicy, 0
+		ocfg.DeliverPolicy, ocfg.OptStartSeq = jetstream.DeliverAllPolicy, 0
 	}
+	// an ordered consumer whose server went away with the connection
+	// makes itself again in the background, telling no one while it
+	// retries: the follower does it itself, at once, and counts the time
+	// as the log failing it until it has a consumer
+	reconnected := c.cl.link.reconnects()
 	cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	// what the log held when this follower started is history: a final
 	// answer in it is the past of a stream that the holder asks again
@@ -388,9 +392,7 @@ func (c *clusterSource) consume(ctx context.Context, sink sink) error {
 		cancel()
 		return err
 	}
-	cons, err := log.OrderedConsumer(cctx, jetstream.OrderedConsumerConfig{
-		FilterSubjects: []string{c.subject}, DeliverPolicy: cfg.DeliverPolicy, OptStartSeq: cfg.OptStartSeq,
-	})
+	cons, err := log.OrderedConsumer(cctx, ocfg)
 	cancel()
 	if err != nil {
 		return err
@@ -420,6 +422,11 @@ func (c *clusterSource) consume(ctx context.Context, sink sink) error {
 		return err
 	}
 	defer cc.Stop()
+	// JetStream made the consumer: the log answers this node again, even
+	// on a stream too quiet to deliver anything soon
+	if ctx.Err() == nil {
+		c.followErrSince.Store(0)
+	}
 	select {
 	case <-ctx.Done():
 		return nil
@@ -427,8 +434,13 @@ func (c *clusterSource) consume(ctx context.Context, sink sink) error {
 		return errStreamOver
 	case err := <-failed:
 		return err
+	case <-reconnected:
+		return errReconnected
 	}
 }
+
+// errReconnected ends a consumer after the NATS connection came back.
+var errReconnected = errors.New("NATS connection back: following the log with a new consumer")
 
 // apply feeds one log message to the history. It reports whether the
 // message ended the stream (the origin's final answer, outside the
@@ -669,7 +681,7 @@ func (c *clusterSource) hold(ctx context.Context, rev uint64) (over bool) {
 		c.debug("cluster: take-over failed", zap.Error(err))
 		return false
 	}
-	u := &upstream{hub: c.s.hub, target: c.s.target, header: c.s.header, name: c.s.name, label: sourceStream}
+	u := c.s.upstreamFrom("", sourceStream)
 	if prev.hasOriginID {
 		u.resume = prev.originID
 	} else if c.s.initialID != "" {

@@ -85,11 +85,18 @@ const (
 
 // newUpstream returns the upstream source of stream s.
 func newUpstream(s *stream) *upstream {
-	u := &upstream{hub: s.hub, target: s.target, header: s.header, name: s.name, resume: s.initialID, label: sourceStream}
+	u := s.upstreamFrom(s.initialID, sourceStream)
 	if s.hub.assignIDs {
 		u.ids = newIDAssigner()
 	}
 	return u
+}
+
+// upstreamFrom returns an upstream request of stream s that starts from
+// the Last-Event-ID resume ("" for none), counted in the metrics under
+// label.
+func (s *stream) upstreamFrom(resume, label string) *upstream {
+	return &upstream{hub: s.hub, target: s.target, header: s.header, name: s.name, resume: resume, label: label}
 }
 
 // run connects, reads, and reconnects with Last-Event-ID after any end

@@ -34,7 +34,8 @@ func demoCaddyfile(t *testing.T) (path string, ports demoPorts, storage string) 
 	if err != nil {
 		t.Fatal(err)
 	}
-	ports = demoPorts{freePort(t), freePort(t), freePort(t), freePort(t)}
+	p := freePorts(t, 4)
+	ports = demoPorts{p[0], p[1], p[2], p[3]}
 	demo, err := filepath.Abs("../demo")
 	if err != nil {
 		t.Fatal(err)

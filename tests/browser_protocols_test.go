@@ -182,7 +182,8 @@ func TestBrowserCORSRecipe(t *testing.T) {
 	leakCheck(t)
 	requireChromium(t)
 	o := newOrigin(t)
-	pagePort, streamPort := freePort(t), freePort(t)
+	ports := freePorts(t, 2)
+	pagePort, streamPort := ports[0], ports[1]
 	pageOrigin := fmt.Sprintf("http://127.0.0.1:%d", pagePort)
 	streamURL := fmt.Sprintf("http://127.0.0.1:%d/s", streamPort)
 	accessLog := filepath.Join(t.TempDir(), "access.log")

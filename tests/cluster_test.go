@@ -276,6 +276,36 @@ func TestClusterPausedHolderIsFenced(t *testing.T) {
 	}
 }
 
+// A follower's own NATS server crashes while it leads the log: the node
+// loses its connection, and its log consumer with the election that
+// follows. The connection moves to another server, and the node makes its
+// consumer again at once rather than waiting for the client library's
+// background retries (up to 10 s each, telling no one), so its clients
+// pause no longer than lease + 2 s, and every client gets every event
+// exactly once.
+func TestClusterFollowerLosesItsNATSServer(t *testing.T) {
+	nc := startNATSCluster(t)
+	o := newEventOrigin(t)
+	nodes, clients, holder, tk := heldStream(t, nc, o, "moved", "/m", 3)
+	follower := (holder + 1) % 3
+	server := nc.serverOf(t, nodeIDOf(t, nodes[follower]))
+	nc.moveLeader(t, "SSEFANOUT_moved", server)
+	time.Sleep(time.Second)
+	crashed := time.Now()
+	nc.nodes[server].p.kill()
+	t.Logf("killed %s, the log's leader and node%d's NATS server (the holder is node%d)", nc.nodes[server].name, follower+1, holder+1)
+	time.Sleep(2*clusterLease + time.Second)
+	last := tk.halt()
+	for i, c := range clients {
+		c.waitEvent(t, last, 15*time.Second)
+		c.checkExact(t, fmt.Sprintf("client %d", i), 1, last)
+		if p, from := c.maxPause(); p > clusterLease+2*time.Second {
+			t.Errorf("client %d (node%d) paused %v from %v after the NATS server crashed, want at most lease + 2 s",
+				i, i%3+1, p.Round(time.Millisecond), from.Sub(crashed).Round(time.Millisecond))
+		}
+	}
+}
+
 // The NATS server that leads the log stops, then all three: clients never
 // pause longer than lease + 2 s (the log's fail-over, then each node's
 // fall-back to its own upstream), and when NATS is back the nodes rejoin

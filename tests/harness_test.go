@@ -35,12 +35,24 @@ const modulePath = "github.com/sse-fanout/caddy-sse-fanout"
 // freePort returns a loopback port that was free a moment ago.
 func freePort(t testing.TB) int {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatalf("finding a free port: %v", err)
+	return freePorts(t, 1)[0]
+}
+
+// freePorts returns n distinct loopback ports that were free a moment ago:
+// each is held until all are found, since the kernel may hand a port
+// that was just let go to the next asker.
+func freePorts(t testing.TB, n int) []int {
+	t.Helper()
+	ports := make([]int, n)
+	for i := range ports {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatalf("finding a free port: %v", err)
+		}
+		defer l.Close()
+		ports[i] = l.Addr().(*net.TCPAddr).Port
 	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
+	return ports
 }
 
 // caddyServer is a Caddy running in this process.
@@ -55,7 +67,8 @@ type caddyServer struct {
 // gauges return to zero (see checkGauges), then stops Caddy.
 func startCaddy(t testing.TB, body string) *caddyServer {
 	t.Helper()
-	c := &caddyServer{port: freePort(t), adminPort: freePort(t)}
+	p := freePorts(t, 2)
+	c := &caddyServer{port: p[0], adminPort: p[1]}
 	c.Base = fmt.Sprintf("http://127.0.0.1:%d", c.port)
 	c.Admin = fmt.Sprintf("http://127.0.0.1:%d", c.adminPort)
 	c.load(t, body)

@@ -15,6 +15,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/nats-io/nats.go"
 )
 
 // Real processes for the cluster tests: NATS servers and Caddy nodes,
@@ -92,10 +94,24 @@ func startProcEnv(t testing.TB, name string, env []string, bin string, args ...s
 	t.Cleanup(func() {
 		p.kill()
 		if t.Failed() {
-			t.Logf("--- output of %s (last 3000 bytes):\n%s", name, tail(p.log.String(), 3000))
+			t.Logf("--- output of %s (last 12000 bytes, without the admin API's request lines):\n%s", name, tail(withoutAdminRequests(p.log.String()), 12000))
 		}
 	})
 	return p
+}
+
+// withoutAdminRequests drops Caddy's log lines of admin API requests: the
+// tests poll the admin API, and these lines would push out the ones that
+// tell what happened.
+func withoutAdminRequests(s string) string {
+	lines := strings.SplitAfter(s, "\n")
+	kept := lines[:0]
+	for _, l := range lines {
+		if !strings.Contains(l, `"logger":"admin.api","msg":"received request"`) {
+			kept = append(kept, l)
+		}
+	}
+	return strings.Join(kept, "")
 }
 
 func tail(s string, n int) string {
@@ -157,8 +173,11 @@ type natsNode struct {
 func startNATSCluster(t testing.TB) *natsCluster {
 	t.Helper()
 	c := &natsCluster{t: t, bin: natsServerBin(t), dir: t.TempDir()}
+	// nine distinct ports: two servers given the same one would leave a
+	// cluster of two, where replicas 3 finds no place
+	ports := freePorts(t, 3*len(c.nodes))
 	for i := range c.nodes {
-		c.nodes[i] = &natsNode{name: fmt.Sprintf("n%d", i+1), client: freePort(t), route: freePort(t), monitor: freePort(t)}
+		c.nodes[i] = &natsNode{name: fmt.Sprintf("n%d", i+1), client: ports[3*i], route: ports[3*i+1], monitor: ports[3*i+2]}
 	}
 	for i, n := range c.nodes {
 		var routes []string
@@ -201,6 +220,50 @@ func (c *natsCluster) start(i int) {
 }
 
 // urls are the client URLs of all three, comma-separated.
+// serverOf returns the index of the NATS server that the Caddy node
+// with the given node id is connected to, by the servers' /connz.
+func (c *natsCluster) serverOf(t testing.TB, nodeID string) int {
+	t.Helper()
+	for i, n := range c.nodes {
+		var connz struct {
+			Connections []struct {
+				Name string `json:"name"`
+			} `json:"connections"`
+		}
+		if n.p.exited() || !getJSON(fmt.Sprintf("http://127.0.0.1:%d/connz", n.monitor), &connz) {
+			continue
+		}
+		for _, conn := range connz.Connections {
+			if strings.HasSuffix(conn.Name, " "+nodeID) {
+				return i
+			}
+		}
+	}
+	t.Fatalf("no NATS server has a connection of node %s", nodeID)
+	return -1
+}
+
+// moveLeader makes the NATS server at index i lead the stream, by asking
+// its leader to step down in i's favour.
+func (c *natsCluster) moveLeader(t testing.TB, stream string, i int) {
+	t.Helper()
+	if c.streamLeader(stream) == i {
+		return
+	}
+	conn, err := nats.Connect(strings.ReplaceAll(c.urls(), " ", ","))
+	if err != nil {
+		t.Fatalf("connecting to NATS: %v", err)
+	}
+	defer conn.Close()
+	req := fmt.Sprintf(`{"placement":{"preferred":%q}}`, c.nodes[i].name)
+	if _, err := conn.Request("$JS.API.STREAM.LEADER.STEPDOWN."+stream, []byte(req), 5*time.Second); err != nil {
+		t.Fatalf("asking %s's leader to step down: %v", stream, err)
+	}
+	eventually(t, 10*time.Second, func() bool { return c.streamLeader(stream) == i }, func() string {
+		return fmt.Sprintf("%s did not move its leader to %s", stream, c.nodes[i].name)
+	})
+}
+
 func (c *natsCluster) urls() string {
 	var u []string
 	for _, n := range c.nodes {
@@ -380,7 +443,8 @@ type caddyNode struct {
 // body, with its admin API on another.
 func startCaddyNode(t testing.TB, name, body string) *caddyNode {
 	t.Helper()
-	n := &caddyNode{name: name, port: freePort(t), admin: freePort(t)}
+	p := freePorts(t, 2)
+	n := &caddyNode{name: name, port: p[0], admin: p[1]}
 	n.Base = fmt.Sprintf("http://127.0.0.1:%d", n.port)
 	n.conf = filepath.Join(t.TempDir(), "Caddyfile")
 	conf := fmt.Sprintf(`{
@@ -424,6 +488,25 @@ func (n *caddyNode) rewrite(t testing.TB, old, new string) {
 }
 
 // metric reads one metric of the node, summed over its labels.
+// nodeIDOf returns the node id a Caddy node logged when its cluster
+// got ready.
+func nodeIDOf(t testing.TB, n *caddyNode) string {
+	t.Helper()
+	for _, line := range strings.Split(n.p.log.String(), "\n") {
+		if !strings.Contains(line, `"msg":"cluster ready"`) {
+			continue
+		}
+		var entry struct {
+			Node string `json:"node"`
+		}
+		if json.Unmarshal([]byte(line), &entry) == nil && entry.Node != "" {
+			return entry.Node
+		}
+	}
+	t.Fatalf("%s logged no node id", n.name)
+	return ""
+}
+
 func (n *caddyNode) metric(name string) float64 {
 	c := &caddyServer{Admin: fmt.Sprintf("http://127.0.0.1:%d", n.admin)}
 	v, err := c.metrics(name)

@@ -66,7 +66,8 @@ func waitGauges(t *testing.T, c *caddyServer, clients, direct float64) {
 func TestProtocolsOverTLS(t *testing.T) {
 	leakCheck(t)
 	o := newOrigin(t)
-	tlsPort, plainPort := freePort(t), freePort(t)
+	p := freePorts(t, 2)
+	tlsPort, plainPort := p[0], p[1]
 	cs := startCaddySites(t, fmt.Sprintf(`
 https://127.0.0.1:%[1]d {
 	bind 127.0.0.1
@@ -151,7 +152,8 @@ http://127.0.0.1:%[2]d {
 func TestEncodeInFront(t *testing.T) {
 	leakCheck(t)
 	o := newOrigin(t)
-	tlsPort, plainPort := freePort(t), freePort(t)
+	p := freePorts(t, 2)
+	tlsPort, plainPort := p[0], p[1]
 	site := fmt.Sprintf(`{
 	bind 127.0.0.1
 	encode gzip zstd

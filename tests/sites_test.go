@@ -44,7 +44,8 @@ type caddySites struct {
 // same storage), then stops Caddy.
 func startCaddySites(t *testing.T, sites string) *caddySites {
 	t.Helper()
-	c := &caddySites{caddyServer: &caddyServer{port: freePort(t), adminPort: freePort(t)}, storage: t.TempDir()}
+	p := freePorts(t, 2)
+	c := &caddySites{caddyServer: &caddyServer{port: p[0], adminPort: p[1]}, storage: t.TempDir()}
 	c.Admin = fmt.Sprintf("http://127.0.0.1:%d", c.adminPort)
 	c.reload(t, sites)
 	t.Cleanup(func() {
