@@ -13,9 +13,8 @@ import (
 // Caddy's own wrappers, when only wrappers known to pass writes through
 // unchanged lie between. Through the server's write_idle_timeout wrapper,
 // each event would cost a write deadline moved before its write and before
-// its flush, a ResponseController allocated per flush and, on HTTP/2,
-// where moving a deadline is a message to the connection's goroutine, two
-// more moves to clear them after. The idle timeout is not lost: it caps
+// its flush and, on HTTP/2, where moving a deadline is a message to the
+// connection's goroutine, two more moves to clear them after. The idle timeout is not lost: it caps
 // the bound returned, which the client's writes are held to with a
 // deadline moved once per quarter of it (client.write).
 //
