@@ -32,6 +32,10 @@ type clusterSource struct {
 	// the follower and the holder (Unix ns; zero while it does not)
 	followErrSince, commitErrSince atomic.Int64
 
+	// applyMu makes one log message's apply whole: a consumer that is
+	// being stopped may still deliver while the next one starts
+	applyMu sync.Mutex
+
 	mu sync.Mutex
 	// applied is the log sequence of the last message applied to the
 	// history; zero before the first.
@@ -400,15 +404,16 @@ func (c *clusterSource) consume(ctx context.Context, sink sink) error {
 	failed := make(chan error, 1)
 	over := make(chan struct{})
 	var overOnce sync.Once
+	var stopped atomic.Bool
 	cc, err := cons.Consume(func(m jetstream.Msg) {
 		md, err := m.Metadata()
 		if err != nil {
 			return
 		}
-		c.followErrSince.Store(0)
-		if ctx.Err() != nil {
-			return // this stretch of following is over
+		if stopped.Load() || ctx.Err() != nil {
+			return // this consumer, or this stretch of following, is over
 		}
+		c.followErrSince.Store(0)
 		if final := c.apply(m, md, sink, epoch, md.Sequence.Stream <= historyEnd); final {
 			overOnce.Do(func() { close(over) })
 		}
@@ -421,7 +426,13 @@ func (c *clusterSource) consume(ctx context.Context, sink sink) error {
 	if err != nil {
 		return err
 	}
-	defer cc.Stop()
+	defer func() {
+		// Stop waits for a reset the client library may have under way,
+		// up to 10 s: the next consumer does not wait for it, and what
+		// this one still delivers meanwhile is dropped
+		stopped.Store(true)
+		go cc.Stop()
+	}()
 	// JetStream made the consumer: the log answers this node again, even
 	// on a stream too quiet to deliver anything soon
 	if ctx.Err() == nil {
@@ -447,6 +458,15 @@ var errReconnected = errors.New("NATS connection back: following the log with a 
 // history being loaded: a final answer in the log is the past of a stream
 // that a new holder asks again).
 func (c *clusterSource) apply(m jetstream.Msg, md *jetstream.MsgMetadata, sink sink, epoch string, loading bool) (final bool) {
+	c.applyMu.Lock()
+	defer c.applyMu.Unlock()
+	c.mu.Lock()
+	// a rejoin replays the retained log on purpose, to find its splice
+	seen := md.Sequence.Stream <= c.applied && !c.hasSplice
+	c.mu.Unlock()
+	if seen {
+		return false // delivered again, by the consumer that followed its stopping one
+	}
 	h := m.Headers()
 	if h.Get(hdrDigest) != c.digest {
 		c.logger().Warn("cluster: a log message of another stream on this stream's subject was ignored", zap.String("stream", c.s.name))

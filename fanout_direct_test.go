@@ -228,13 +228,12 @@ func TestDirectPathReach(t *testing.T) {
 	readUntil(t, c2, resp.Body, &got, ev(1, "h1"), 5*time.Second)
 }
 
-// With access logs on, Caddy logs a hijacked stream when it is taken
-// over; the module logs its end: status, bytes, duration, reason and the
-// stream's hash.
-func TestDirectStreamEndIsLogged(t *testing.T) {
-	leakCheck(t)
-	logFile := filepath.Join(t.TempDir(), "access.log")
-	o := newOrigin(t)
+// startLoggedCaddy starts Caddy with access logs and the module's logs in
+// one file, with servers as the global servers options, and sse_fanout in
+// front of origin.
+func startLoggedCaddy(t *testing.T, servers, origin string) (base, logFile string) {
+	t.Helper()
+	logFile = filepath.Join(t.TempDir(), "access.log")
 	port := freePort(t)
 	loadCaddyfile(t, fmt.Sprintf(`{
 	admin off
@@ -244,6 +243,9 @@ func TestDirectStreamEndIsLogged(t *testing.T) {
 	log {
 		output file %s
 		level INFO
+	}
+	servers {
+		%s
 	}
 }
 http://127.0.0.1:%d {
@@ -255,36 +257,34 @@ http://127.0.0.1:%d {
 		linger off
 	}
 }
-`, logFile, port, logFile, o.URL))
+`, logFile, servers, port, logFile, origin))
 	t.Cleanup(func() { _ = caddy.Stop() })
-	base := fmt.Sprintf("http://127.0.0.1:%d", port)
+	base = fmt.Sprintf("http://127.0.0.1:%d", port)
 	waitUp(t, base)
-	conn, resp := rawStream(t, base, "/logged", 0)
-	o.waitOpen(t, "/logged", 1, 5*time.Second)
-	var got strings.Builder
-	o.send("/logged", ev(1, "x"))
-	readUntil(t, conn, resp.Body, &got, ev(1, "x"), 5*time.Second)
-	conn.Close()
-	var lines []string
+	return base, logFile
+}
+
+// streamEndLogged waits for the `stream ended` line and Caddy's access log
+// entry, checks what they must hold, and returns the bytes the first
+// counts.
+func streamEndLogged(t *testing.T, logFile string) (bytes int) {
+	t.Helper()
+	var access, ended string
 	eventually(t, 5*time.Second, func() bool {
 		data, _ := os.ReadFile(logFile)
-		lines = strings.Split(string(data), "\n")
-		for _, l := range lines {
-			if strings.Contains(l, `"msg":"stream ended"`) {
-				return true
+		for _, l := range strings.Split(string(data), "\n") {
+			switch {
+			case strings.Contains(l, `"msg":"handled request"`):
+				access = l
+			case strings.Contains(l, `"msg":"stream ended"`):
+				ended = l
 			}
 		}
-		return false
-	}, func() string { return "no stream ended line in the log:\n" + strings.Join(lines, "\n") })
-	var access, ended string
-	for _, l := range lines {
-		switch {
-		case strings.Contains(l, `"msg":"handled request"`):
-			access = l
-		case strings.Contains(l, `"msg":"stream ended"`):
-			ended = l
-		}
-	}
+		return access != "" && ended != ""
+	}, func() string {
+		data, _ := os.ReadFile(logFile)
+		return "no stream ended line or no access log entry in the log:\n" + string(data)
+	})
 	if !strings.Contains(access, `"status":200`) {
 		t.Errorf("access log entry: %q", access)
 	}
@@ -293,8 +293,30 @@ http://127.0.0.1:%d {
 			t.Errorf("stream ended line %q lacks %s", ended, want)
 		}
 	}
-	if strings.Contains(ended, `"bytes":0`) {
-		t.Errorf("stream ended line counts no bytes: %q", ended)
+	if i := strings.Index(ended, `"bytes":`); i >= 0 {
+		_, _ = fmt.Sscanf(ended[i+len(`"bytes":`):], "%d", &bytes)
+	}
+	return bytes
+}
+
+// With access logs on, Caddy logs a hijacked stream when it is taken
+// over; the module logs its end: status, bytes, duration, reason and the
+// stream's hash.
+func TestDirectStreamEndIsLogged(t *testing.T) {
+	leakCheck(t)
+	o := newOrigin(t)
+	base, logFile := startLoggedCaddy(t, "", o.URL)
+	conn, resp := rawStream(t, base, "/logged", 0)
+	o.waitOpen(t, "/logged", 1, 5*time.Second)
+	var got strings.Builder
+	o.send("/logged", ev(1, "x"))
+	readUntil(t, conn, resp.Body, &got, ev(1, "x"), 5*time.Second)
+	if d := direct(); d != 1 {
+		t.Errorf("%v clients written directly, want the one", d)
+	}
+	conn.Close()
+	if bytes := streamEndLogged(t, logFile); bytes < len(ev(1, "x")) {
+		t.Errorf("stream ended line counts %d bytes, want at least the event's %d", bytes, len(ev(1, "x")))
 	}
 }
 

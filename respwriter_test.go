@@ -5,13 +5,10 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 )
@@ -71,35 +68,8 @@ func TestStreamWriterPassesOnlyKnownWrappers(t *testing.T) {
 // bytes, and the module logs the stream's end with every byte since.
 func TestNetHTTPStreamEndIsLogged(t *testing.T) {
 	leakCheck(t)
-	logFile := filepath.Join(t.TempDir(), "access.log")
 	o := newOrigin(t)
-	port := freePort(t)
-	loadCaddyfile(t, fmt.Sprintf(`{
-	admin off
-	auto_https off
-	persist_config off
-	grace_period 2s
-	log {
-		output file %s
-		level INFO
-	}
-	servers {
-		protocols h1 h2c
-	}
-}
-http://127.0.0.1:%d {
-	bind 127.0.0.1
-	log {
-		output file %s
-	}
-	sse_fanout %s {
-		linger off
-	}
-}
-`, logFile, port, logFile, o.URL))
-	t.Cleanup(func() { _ = caddy.Stop() })
-	base := fmt.Sprintf("http://127.0.0.1:%d", port)
-	waitUp(t, base)
+	base, logFile := startLoggedCaddy(t, "protocols h1 h2c", o.URL)
 	c, err := tryConnect(newH2CTransport(t), base+"/logged", nil)
 	if err != nil {
 		t.Fatal(err)
@@ -115,35 +85,9 @@ http://127.0.0.1:%d {
 	}
 	c.waitFor(t, ev(5, payload), 5*time.Second)
 	c.close()
-	var ended string
-	eventually(t, 5*time.Second, func() bool {
-		data, _ := os.ReadFile(logFile)
-		for _, l := range strings.Split(string(data), "\n") {
-			if strings.Contains(l, `"msg":"stream ended"`) {
-				ended = l
-			}
-		}
-		return ended != ""
-	}, func() string {
-		data, _ := os.ReadFile(logFile)
-		return "no stream ended line in the log:\n" + string(data)
-	})
-	for _, want := range []string{`"status":200`, `"reason":"client closed"`, `"stream":"`, `"duration":`} {
-		if !strings.Contains(ended, want) {
-			t.Errorf("stream ended line %q lacks %s", ended, want)
-		}
+	if bytes := streamEndLogged(t, logFile); bytes < 5*len(payload) {
+		t.Errorf("stream ended line counts %d bytes, want at least the 5 events' %d", bytes, 5*len(payload))
 	}
-	var bytes int
-	if i := strings.Index(ended, `"bytes":`); i >= 0 {
-		_, _ = fmt.Sscanf(ended[i+len(`"bytes":`):], "%d", &bytes)
-	}
-	if bytes < 5*len(payload) {
-		t.Errorf("stream ended line counts %d bytes, want at least the 5 events' %d: %q", bytes, 5*len(payload), ended)
-	}
-	eventually(t, 5*time.Second, func() bool {
-		data, _ := os.ReadFile(logFile)
-		return strings.Contains(string(data), `"msg":"handled request"`)
-	}, func() string { return "no access log entry for the stream" })
 }
 
 // The server's write_idle_timeout still bounds the writes of a client

@@ -276,6 +276,21 @@ func TestClusterPausedHolderIsFenced(t *testing.T) {
 	}
 }
 
+// checkOutage checks that every client (client i on node i%3+1) got events
+// 1..last exactly once, and never paused longer than lease + 2 s; a pause
+// is reported from the outage's start, what.
+func checkOutage(t *testing.T, clients []*esClient, last int, start time.Time, what string) {
+	t.Helper()
+	for i, c := range clients {
+		c.waitEvent(t, last, 15*time.Second)
+		c.checkExact(t, fmt.Sprintf("client %d", i), 1, last)
+		if p, from := c.maxPause(); p > clusterLease+2*time.Second {
+			t.Errorf("client %d (node%d) paused %v from %v after %s, want at most lease + 2 s",
+				i, i%3+1, p.Round(time.Millisecond), from.Sub(start).Round(time.Millisecond), what)
+		}
+	}
+}
+
 // A follower's own NATS server crashes while it leads the log: the node
 // loses its connection, and its log consumer with the election that
 // follows. The connection moves to another server, and the node makes its
@@ -295,15 +310,7 @@ func TestClusterFollowerLosesItsNATSServer(t *testing.T) {
 	nc.nodes[server].p.kill()
 	t.Logf("killed %s, the log's leader and node%d's NATS server (the holder is node%d)", nc.nodes[server].name, follower+1, holder+1)
 	time.Sleep(2*clusterLease + time.Second)
-	last := tk.halt()
-	for i, c := range clients {
-		c.waitEvent(t, last, 15*time.Second)
-		c.checkExact(t, fmt.Sprintf("client %d", i), 1, last)
-		if p, from := c.maxPause(); p > clusterLease+2*time.Second {
-			t.Errorf("client %d (node%d) paused %v from %v after the NATS server crashed, want at most lease + 2 s",
-				i, i%3+1, p.Round(time.Millisecond), from.Sub(crashed).Round(time.Millisecond))
-		}
-	}
+	checkOutage(t, clients, tk.halt(), crashed, "the NATS server crashed")
 }
 
 // The NATS server that leads the log stops, then all three: clients never
@@ -355,16 +362,8 @@ func TestClusterSurvivesNATS(t *testing.T) {
 		return fmt.Sprintf("after NATS came back the origin held %d connections, want 1", o.open())
 	})
 	time.Sleep(time.Second)
-	last := tk.halt()
-	for i, c := range clients {
-		c.waitEvent(t, last, 15*time.Second)
-		c.checkExact(t, fmt.Sprintf("client %d", i), 1, last)
-		if p, from := c.maxPause(); p > clusterLease+2*time.Second {
-			t.Errorf("client %d paused %v from %v after the log's leader stopped (all NATS stopped at %v, back at %v), want at most lease + 2 s",
-				i, p.Round(time.Millisecond), from.Sub(leaderStopped).Round(time.Millisecond),
-				allStopped.Sub(leaderStopped).Round(time.Millisecond), back.Sub(leaderStopped).Round(time.Millisecond))
-		}
-	}
+	checkOutage(t, clients, tk.halt(), leaderStopped, fmt.Sprintf("the log's leader stopped (all NATS stopped at %v, back at %v)",
+		allStopped.Sub(leaderStopped).Round(time.Millisecond), back.Sub(leaderStopped).Round(time.Millisecond)))
 }
 
 // Tiers, without any engine: edge nodes point at a shield node that points
