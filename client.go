@@ -117,7 +117,7 @@ func (h *Handler) serveClient(w http.ResponseWriter, r *http.Request, s *stream,
 		c.runOwn()
 		return true
 	}
-	if inner, bound, skippedLog := streamWriter(w, c.timeout); inner != w {
+	if inner, bound, skippedLog := streamWriter(w, c.timeout); inner != nil {
 		// the next write sets a deadline of the new bound
 		c.w, c.rc, c.timeout, c.deadline = inner, http.NewResponseController(inner), bound, time.Time{}
 		c.logEnd, c.started = skippedLog, time.Now()

@@ -381,10 +381,10 @@ func (c *clusterSource) consume(ctx context.Context, sink sink) error {
 		// node, or the ground on which a rejoin splices
 		ocfg.DeliverPolicy, ocfg.OptStartSeq = jetstream.DeliverAllPolicy, 0
 	}
-	// an ordered consumer whose server went away with the connection
-	// makes itself again in the background, telling no one while it
-	// retries: the follower does it itself, at once, and counts the time
-	// as the log failing it until it has a consumer
+	// after a reconnect an ordered consumer resets itself in the
+	// background, telling no one, for up to 10 s: the follower makes a
+	// new one itself, at once, and counts the time as the log failing it
+	// until it has one
 	reconnected := c.cl.link.reconnects()
 	cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	// what the log held when this follower started is history: a final

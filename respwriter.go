@@ -14,16 +14,17 @@ import (
 // unchanged lie between. Through the server's write_idle_timeout wrapper,
 // each event would cost a write deadline moved before its write and before
 // its flush and, on HTTP/2, where moving a deadline is a message to the
-// connection's goroutine, two more moves to clear them after. The idle timeout is not lost: it caps
-// the bound returned, which the client's writes are held to with a
-// deadline moved once per quarter of it (client.write).
+// connection's goroutine, two more moves to clear them after. The idle
+// timeout is not lost: it caps the bound returned, which the client's
+// writes are held to with a deadline moved once per quarter of it
+// (client.write).
 //
-// It returns w itself and bound unchanged when anything else wraps it: a
-// middleware that may change what is written, a buffering recorder, or an
-// idle timeout a deadline cannot give (a minimum rate, or a cap from the
-// server's write_timeout). skippedLog reports that Caddy's access log
-// recorder was passed: the access log then counts the head and the first
-// bytes only, and the module logs the stream's end itself.
+// It returns a nil inner when anything else wraps w: a middleware that may
+// change what is written, a buffering recorder, or an idle timeout a
+// deadline cannot give (a minimum rate, or a cap from the server's
+// write_timeout). skippedLog reports that Caddy's access log recorder was
+// passed: the access log then counts the head and the first bytes only,
+// and the module logs the stream's end itself.
 func streamWriter(w http.ResponseWriter, bound time.Duration) (inner http.ResponseWriter, b time.Duration, skippedLog bool) {
 	b = bound
 	cur := w
@@ -32,7 +33,7 @@ func streamWriter(w http.ResponseWriter, bound time.Duration) (inner http.Respon
 		case *caddyhttp.IdleTimeoutWriter:
 			d := v.Deadline
 			if d.MinRate > 0 || !d.HardDeadline.IsZero() {
-				return w, bound, false
+				return nil, bound, false
 			}
 			if d.Timeout > 0 {
 				b = min(b, d.Timeout)
@@ -42,20 +43,24 @@ func streamWriter(w http.ResponseWriter, bound time.Duration) (inner http.Respon
 			cur = v.ResponseWriter
 		case caddyhttp.ResponseRecorder:
 			if v.Buffered() || !passThrough[reflect.TypeOf(v).String()] {
-				return w, bound, false
+				return nil, bound, false
+			}
+			u, ok := v.(interface{ Unwrap() http.ResponseWriter })
+			if !ok {
+				return nil, bound, false
 			}
 			skippedLog = true
-			cur = v.(interface{ Unwrap() http.ResponseWriter }).Unwrap()
+			cur = u.Unwrap()
 		case interface{ Unwrap() http.ResponseWriter }:
 			if !passThrough[reflect.TypeOf(v).String()] {
-				return w, bound, false // a middleware's: it may change what is written
+				return nil, bound, false // a middleware's: it may change what is written
 			}
 			cur = v.Unwrap()
 		default:
 			return cur, b, skippedLog // net/http's (or HTTP/3's) own
 		}
 	}
-	return w, bound, false
+	return nil, bound, false
 }
 
 // passThrough are the wrappers of Caddy's own that only count or watch
