@@ -181,19 +181,21 @@ func (c *esClient) connect(url string) error {
 		close(done)
 		return fmt.Errorf("connecting to %s: %v", url, err)
 	}
-	c.mu.Lock()
-	c.status = resp.StatusCode
-	c.mu.Unlock()
 	if resp.StatusCode != http.StatusOK {
+		// the status and the body are seen together: a test that waits
+		// for the status reads the body next
 		b, _ := io.ReadAll(resp.Body)
 		resp.Body.Close()
 		c.mu.Lock()
-		c.body = string(b)
+		c.status, c.body = resp.StatusCode, string(b)
 		c.mu.Unlock()
 		cancel()
 		close(done)
 		return nil
 	}
+	c.mu.Lock()
+	c.status = resp.StatusCode
+	c.mu.Unlock()
 	go func() {
 		defer close(done)
 		defer resp.Body.Close()
