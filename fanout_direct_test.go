@@ -335,14 +335,7 @@ func TestSendBufferUnderH2c(t *testing.T) {
 		dialed = c
 		return c, err
 	}
-	c, err := tryConnect(h2c, base+"/h2c", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(c.close)
-	if c.resp.ProtoMajor != 2 {
-		t.Fatalf("client spoke HTTP/%d, want 2", c.resp.ProtoMajor)
-	}
+	c := connectH2(t, h2c, base+"/h2c")
 	o.waitOpen(t, "/h2c", 1, 5*time.Second)
 	o.send("/h2c", ev(1, "h2c"))
 	c.waitFor(t, ev(1, "h2c"), 5*time.Second)

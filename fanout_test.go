@@ -596,15 +596,7 @@ func TestHTTP2IdleStreamSurvivesWriteTimeout(t *testing.T) {
 		keepalive off
 		linger 100ms
 	}`)
-	h2c := newH2CTransport(t)
-	c, err := tryConnect(h2c, base+"/h2", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(c.close)
-	if c.resp.ProtoMajor != 2 {
-		t.Fatalf("client spoke HTTP/%d, want 2", c.resp.ProtoMajor)
-	}
+	c := connectH2(t, newH2CTransport(t), base+"/h2")
 	o.waitOpen(t, "/h2", 1, 5*time.Second)
 	o.send("/h2", ev(1, "before"))
 	c.waitFor(t, ev(1, "before"), 5*time.Second)

@@ -324,6 +324,21 @@ func connect(t testing.TB, url string, hdr http.Header) *sseClient {
 	return c
 }
 
+// connectH2 connects a streaming client through rt, which must speak
+// HTTP/2 (see newH2CTransport), and fails the test unless it did.
+func connectH2(t testing.TB, rt http.RoundTripper, url string) *sseClient {
+	t.Helper()
+	c, err := tryConnect(rt, url, nil)
+	if err != nil {
+		t.Fatalf("connecting to %s: %v", url, err)
+	}
+	t.Cleanup(c.close)
+	if c.resp.ProtoMajor != 2 {
+		t.Fatalf("client spoke HTTP/%d, want 2", c.resp.ProtoMajor)
+	}
+	return c
+}
+
 func tryConnect(rt http.RoundTripper, url string, hdr http.Header) (*sseClient, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)

@@ -122,12 +122,7 @@ func TestMetricsAgainstKnownLoad(t *testing.T) {
 	for range n - 1 {
 		cs = append(cs, connect(t, base+"/s/known", nil))
 	}
-	c, err := tryConnect(h2c, base+"/s/known", nil)
-	if err != nil || c.resp.ProtoMajor != 2 {
-		t.Fatalf("h2c client: %v", err)
-	}
-	t.Cleanup(c.close)
-	cs = append(cs, c)
+	cs = append(cs, connectH2(t, h2c, base+"/s/known"))
 	o.waitOpen(t, path, 1, 5*time.Second)
 	for i := 1; i <= k; i++ {
 		o.send(path, ev(i, strings.Repeat("d", i)))

@@ -70,14 +70,7 @@ func TestNetHTTPStreamEndIsLogged(t *testing.T) {
 	leakCheck(t)
 	o := newOrigin(t)
 	base, logFile := startLoggedCaddy(t, "protocols h1 h2c", o.URL)
-	c, err := tryConnect(newH2CTransport(t), base+"/logged", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(c.close)
-	if c.resp.ProtoMajor != 2 {
-		t.Fatalf("client spoke HTTP/%d, want 2", c.resp.ProtoMajor)
-	}
+	c := connectH2(t, newH2CTransport(t), base+"/logged")
 	o.waitOpen(t, "/logged", 1, 5*time.Second)
 	payload := strings.Repeat("x", 1000)
 	for i := 1; i <= 5; i++ {
@@ -102,12 +95,7 @@ func TestServerWriteIdleTimeoutBoundsNetHTTPClients(t *testing.T) {
 		write_timeout 30s
 		linger 100ms
 	}`)
-	h2c := newH2CTransport(t)
-	reader, err := tryConnect(h2c, base+"/stall", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(reader.close)
+	reader := connectH2(t, newH2CTransport(t), base+"/stall")
 	// the stalled client has a connection of its own: HTTP/2 flow control
 	// is per connection too
 	stalledTransport := newH2CTransport(t)
@@ -120,8 +108,8 @@ func TestServerWriteIdleTimeoutBoundsNetHTTPClients(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { resp.Body.Close() })
-	if resp.ProtoMajor != 2 || reader.resp.ProtoMajor != 2 {
-		t.Fatalf("clients spoke HTTP/%d and HTTP/%d, want 2", resp.ProtoMajor, reader.resp.ProtoMajor)
+	if resp.ProtoMajor != 2 {
+		t.Fatalf("the stalled client spoke HTTP/%d, want 2", resp.ProtoMajor)
 	}
 	o.waitOpen(t, "/stall", 1, 5*time.Second)
 	eventually(t, 5*time.Second, func() bool { return testutil.ToFloat64(metrics.clients) == 2 }, func() string {
