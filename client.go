@@ -91,16 +91,16 @@ func (h *Handler) serveClient(w http.ResponseWriter, r *http.Request, s *stream,
 		return false
 	}
 	c := &client{h: h, s: s, w: w, rc: http.NewResponseController(w), timeout: time.Duration(h.WriteTimeout)}
-	if r.ProtoMajor == 2 {
-		// see clearWhenIdle
-		c.idleGuard = time.NewTimer(time.Hour)
-		c.idleGuard.Stop()
-		defer c.idleGuard.Stop()
-	}
 	prelude, respHeader, final := c.start(last, arrived)
 	if final != nil {
 		writeFinal(w, final)
 		return false
+	}
+	if r.ProtoMajor == 2 {
+		// see clearWhenIdle; armed by the first write's deadline
+		c.idleGuard = time.NewTimer(time.Hour)
+		c.idleGuard.Stop()
+		defer c.idleGuard.Stop()
 	}
 	hdr := w.Header()
 	for name, vals := range respHeader {
