@@ -2,6 +2,7 @@ package main
 
 import (
 	"slices"
+	"strconv"
 	"testing"
 	"time"
 )
@@ -105,5 +106,47 @@ func TestFlagsAreChecked(t *testing.T) {
 		if _, err := parseFlags(args); err == nil {
 			t.Errorf("parseFlags(%q): no error", args)
 		}
+	}
+}
+
+// The load tool checks every client's sequence in every run, and in bursts
+// takes latencies from a sample of the clients only.
+func TestLoadArgsOfEachWorkload(t *testing.T) {
+	cfg, err := parseFlags(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.maxFiles = 20000
+	b := &bench{cfg: cfg}
+	seen := map[string]bool{}
+	for _, r := range cfg.plan() {
+		if seen[r.Workload] {
+			continue
+		}
+		seen[r.Workload] = true
+		args, _ := b.loadArgs(&RunResult{Cell: r.Cell, Rep: r.Rep}, "http://127.0.0.1:1/events")
+		flag := func(name string) string {
+			if i := slices.Index(args, name); i >= 0 && i+1 < len(args) {
+				return args[i+1]
+			}
+			return ""
+		}
+		if flag("-gap-from") != "seq" {
+			t.Errorf("%s: %q", r.Workload, args)
+		}
+		burst := r.Workload == workBurst
+		want := ""
+		if burst {
+			want = strconv.Itoa(burstLatencyEvery)
+		}
+		if got := flag("-latency-every"); got != want {
+			t.Errorf("%s: -latency-every %q, want %q", r.Workload, got, want)
+		}
+		if got := flag("-expect-seq"); (got == strconv.Itoa(r.Burst)) != burst {
+			t.Errorf("%s: -expect-seq %q, burst %d", r.Workload, got, r.Burst)
+		}
+	}
+	if len(seen) != 4 {
+		t.Errorf("workloads seen: %v", seen)
 	}
 }

@@ -103,15 +103,22 @@ func (r *RunResult) line() string {
 }
 
 // Descriptions of the workloads, for the report.
-func workloadTitle(w string, cfg *config) string {
+// latencyEvery is 1 in how many clients the load tool took latencies from
+// in a workload's runs (results from before the option say nothing: every
+// client).
+func workloadTitle(w string, cfg *config, latencyEvery int) string {
 	switch w {
 	case workSteady:
 		return fmt.Sprintf("Steady fan-out: %g events/s of %d B on one stream, %s window", cfg.rate, cfg.size, cfg.window)
 	case workBig:
 		return fmt.Sprintf("Many clients: one stream, %s window (peers with one descriptor per client)", cfg.window)
 	case workBurst:
-		return fmt.Sprintf("Bursts: %d clients, %d events of %d B at each rate; window until every client has the last (at most %s more)",
+		t := fmt.Sprintf("Bursts: %d clients, %d events of %d B at each rate; window until every client has the last (at most %s more)",
 			cfg.burstClients, cfg.burstEvents, cfg.size, burstDrain)
+		if latencyEvery > 1 {
+			t += fmt.Sprintf("; latencies from 1 client in %d, every client's sequence checked", latencyEvery)
+		}
+		return t
 	case workTLS:
 		return fmt.Sprintf("TLS (tls internal): %g events/s of %d B, one connection per client, %s window", cfg.rate, cfg.size, cfg.window)
 	}
@@ -129,6 +136,18 @@ func caseOf(c Cell) string {
 		return fmt.Sprintf("%d %s", c.Clients, c.Proto)
 	}
 	return fmt.Sprint(c.Clients)
+}
+
+// latencyEvery is the most clients per latency-sampled client in a
+// workload's runs.
+func latencyEvery(runs []*RunResult, work string) int {
+	n := 1
+	for _, r := range runs {
+		if r.Workload == work && r.Load != nil {
+			n = max(n, r.Load.LatencyEvery)
+		}
+	}
+	return n
 }
 
 // ratioPeers are the denominators of the ratio tables.
@@ -152,7 +171,7 @@ func writeReport(w io.Writer, m Machine, cfg *config, sums []*Summary, runs []*R
 		if len(ws) == 0 {
 			continue
 		}
-		fmt.Fprintf(w, "\n## %s\n\n", workloadTitle(work, cfg))
+		fmt.Fprintf(w, "\n## %s\n\n", workloadTitle(work, cfg, latencyEvery(runs, work)))
 		writeSummaryTable(w, ws)
 		writeRatioTable(w, ws)
 	}

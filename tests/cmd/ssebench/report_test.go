@@ -28,6 +28,9 @@ func fakeRuns(t *testing.T, cfg *config) []*RunResult {
 			LatencyP50ms: rng.Float64() * 20, LatencyP99ms: 20 + rng.Float64()*20, LatencyMaxms: 50,
 			Loss: rng.Float64() / 100, EventsPerSecond: float64(pr.Clients) * pr.Rate, CPUPercent: rng.Float64() * 50,
 		}
+		if pr.Burst > 0 {
+			rep.LatencyEvery = burstLatencyEvery
+		}
 		raw, err := json.Marshal(rep)
 		if err != nil {
 			t.Fatal(err)
@@ -62,6 +65,22 @@ func TestResultsSurviveTheirFile(t *testing.T) {
 	}
 	if direct.String() != again.String() {
 		t.Errorf("the report from results.json differs from the one of the run:\n%s\n----\n%s", direct.String(), again.String())
+	}
+	// bursts say their latencies are sampled; results from before the
+	// sampling say nothing of it
+	const sampled = "latencies from 1 client in 10"
+	if !strings.Contains(direct.String(), sampled) {
+		t.Errorf("the burst title does not say %q:\n%s", sampled, direct.String())
+	}
+	var older bytes.Buffer
+	for _, r := range b.runs {
+		if r.Load != nil {
+			r.Load.LatencyEvery = 0
+		}
+	}
+	writeReport(&older, b.machine, cfg, summarize(b.runs), b.runs)
+	if strings.Contains(older.String(), "latencies from") {
+		t.Errorf("a report of unsampled runs says they were sampled:\n%s", older.String())
 	}
 	// twice the same runs: every cell has twice the runs, the same medians
 	twice := filepath.Join(dir, "twice.json")

@@ -34,6 +34,10 @@ const (
 	stopTimeout    = 10 * time.Second // after SIGTERM, before SIGKILL
 	loadExitBound  = 60 * time.Second // for the load tool to close its clients and report
 	clientsPerAddr = 2000             // clients per source address
+	// burstLatencyEvery: in bursts the load tool takes latencies from 1
+	// client in this many and only counts the others' events, so that its
+	// core reads a burst as fast as a coalescing peer writes it
+	burstLatencyEvery = 10
 )
 
 // loadReport is the part of sseload's JSON summary the harness uses.
@@ -45,6 +49,7 @@ type loadReport struct {
 	WindowSeconds   float64 `json:"window_seconds"`
 	EventsWindow    int64   `json:"events_window"`
 	EventsPerSecond float64 `json:"events_per_second"`
+	LatencyEvery    int     `json:"latency_every"` // latencies from 1 client in this many (0: every client)
 	LatencySamples  int64   `json:"latency_samples"`
 	LatencyP50ms    float64 `json:"latency_p50_ms"`
 	LatencyP99ms    float64 `json:"latency_p99_ms"`
@@ -360,7 +365,7 @@ func (b *bench) loadArgs(r *RunResult, url string) ([]string, time.Duration) {
 		args = append(args, "-http2")
 	}
 	if r.Burst > 0 {
-		args = append(args, "-expect-seq", strconv.Itoa(r.Burst))
+		args = append(args, "-expect-seq", strconv.Itoa(r.Burst), "-latency-every", strconv.Itoa(burstLatencyEvery))
 	}
 	return args, window + connectBound + loadExitBound
 }

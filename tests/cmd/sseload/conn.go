@@ -24,7 +24,8 @@ var h2Transport = &http2.Transport{}
 // client runs one SSE client until ctx ends or its stream does. attempts
 // is marked done once its connection attempt succeeded or failed. With a
 // poller, the client's stream is handed to it and client returns at once.
-func (l *load) client(ctx context.Context, src net.IP, sem chan struct{}, attempts *sync.WaitGroup, pl *poller, res *clientResult) {
+// A counting client's events are only counted (eventParser.countSeqs).
+func (l *load) client(ctx context.Context, src net.IP, sem chan struct{}, attempts *sync.WaitGroup, pl *poller, res *clientResult, counting bool) {
 	select {
 	case sem <- struct{}{}:
 	case <-ctx.Done():
@@ -40,7 +41,7 @@ func (l *load) client(ctx context.Context, src net.IP, sem chan struct{}, attemp
 		return
 	}
 	res.connected = true
-	parser := &eventParser{l: l, res: res}
+	parser := &eventParser{l: l, res: res, counting: counting}
 	if pl != nil {
 		err := pl.add(s.(*rawStream), parser)
 		attempts.Done()

@@ -147,6 +147,77 @@ func TestExpectSeq(t *testing.T) {
 	}
 }
 
+// A counting client accounts for the same events, gaps and repeats as a
+// parsed one, whatever the read sizes, and takes no latency.
+func TestCountingMatchesParsing(t *testing.T) {
+	stream := ": hi\r\n" + sseEvents(3, 4) + "id: 9\n\n" + // an id-only block is no event
+		strings.ReplaceAll(sseEvents(7, 7, 8), "\n", "\r\n") + ":\n\n" + sseEvents(9) +
+		"data: {\"seq\": 12, \"pad\":\"" + strings.Repeat("z", 9000) + "\"}\n\n" + // a space before the number
+		"data: q\ndata: {\"q\":\"seq\",\"sequence\":99,\"seq\":13}\n\n" // a "q" elsewhere
+	want := feedInPieces(t, testLoad(gapFromSeq, 0), stream, len(stream))
+	if want.events != 8 || want.missing != 4 || want.repeats != 1 || want.lastSeq != 13 {
+		t.Fatalf("parsed: %+v", want)
+	}
+	for _, piece := range []int{1, 2, 5, 6, 7, 64, 4096, len(stream)} {
+		l := testLoad(gapFromSeq, 0)
+		res := &clientResult{}
+		p := &eventParser{l: l, res: res, counting: true}
+		for b := []byte(stream); len(b) > 0; {
+			k := min(piece, len(b))
+			if err := p.feed(b[:k], time.Now()); err != nil {
+				t.Fatalf("pieces of %d: %v", piece, err)
+			}
+			b = b[k:]
+		}
+		if *res != *want {
+			t.Errorf("pieces of %d: counted %+v, parsed %+v", piece, *res, *want)
+		}
+		if l.total.Load() != want.events || l.window.Load() != want.events || l.lat.count() != 0 {
+			t.Errorf("pieces of %d: total %d, window %d, latencies %d", piece, l.total.Load(), l.window.Load(), l.lat.count())
+		}
+	}
+}
+
+func TestCountingExpectSeqAndLongLines(t *testing.T) {
+	const expect = 4
+	l := testLoad(gapFromSeq, expect)
+	res := &clientResult{}
+	p := &eventParser{l: l, res: res, counting: true}
+	if err := p.feed([]byte(sseEvents(1, 2, 4)), time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	if lost, got := res.lost(expect); lost != 1 || got != 3 || !res.complete || l.complete.Load() != 1 {
+		t.Errorf("lost %d, got %d, %+v", lost, got, res)
+	}
+	chunk := bytes.Repeat([]byte("x"), 64<<10)
+	var err error
+	for i := 0; i < 2*maxLineLen/len(chunk) && err == nil; i++ {
+		err = p.feed(chunk, time.Now())
+	}
+	if err != errLineTooLong {
+		t.Fatalf("a line without end: %v, want %v", err, errLineTooLong)
+	}
+}
+
+func TestLatencyEveryFlag(t *testing.T) {
+	for _, c := range []struct {
+		args []string
+		ok   bool
+	}{
+		{[]string{"-latency-every", "10", "-gap-from", "seq"}, true},
+		{[]string{"-latency-every", "1"}, true},
+		{[]string{"-latency-every", "10"}, false}, // ids are not read when counting
+		{[]string{"-latency-every", "0", "-gap-from", "seq"}, false},
+		{[]string{"-latency-every", "-3", "-gap-from", "seq"}, false},
+		{[]string{"-latency-every", "99999999999999999999", "-gap-from", "seq"}, false},
+	} {
+		_, err := parseFlags(append([]string{"-url", "http://127.0.0.1:1/"}, c.args...))
+		if (err == nil) != c.ok {
+			t.Errorf("%q: error %v", c.args, err)
+		}
+	}
+}
+
 func TestChunkDecoder(t *testing.T) {
 	rng := rand.New(rand.NewPCG(1, 2))
 	body := []byte(sseEvents(1, 2, 3, 4, 5, 6, 7, 8, 9, 10))
@@ -215,15 +286,18 @@ func TestRunAgainstAServer(t *testing.T) {
 	for _, c := range []struct {
 		name, url, reader string
 		http2             bool
+		latencyEvery      int
 	}{
-		{"h1 epoll", plain.URL, readerEpoll, false},
-		{"h1 goroutine", plain.URL, readerGoroutine, false},
-		{"h1 tls", secure.URL, readerEpoll, false},
-		{"h2 tls", secure.URL, readerEpoll, true},
+		{"h1 epoll", plain.URL, readerEpoll, false, 1},
+		{"h1 epoll, latency from 1 in 3", plain.URL, readerEpoll, false, 3},
+		{"h1 goroutine", plain.URL, readerGoroutine, false, 1},
+		{"h1 tls", secure.URL, readerEpoll, false, 1},
+		{"h2 tls", secure.URL, readerEpoll, true, 1},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			args := []string{"-url", c.url + "/s", "-clients", strconv.Itoa(clients), "-duration", "20s",
-				"-reader", c.reader, "-expect-seq", strconv.Itoa(events), "-sync", "-gap-from", "seq"}
+				"-reader", c.reader, "-expect-seq", strconv.Itoa(events), "-sync", "-gap-from", "seq",
+				"-latency-every", strconv.Itoa(c.latencyEvery)}
 			if c.http2 {
 				args = append(args, "-http2")
 			}
@@ -242,9 +316,51 @@ func TestRunAgainstAServer(t *testing.T) {
 			if res.LatencySamples == 0 || res.LatencyP50ms <= 0 {
 				t.Errorf("no latency measured: %+v", res)
 			}
+			// clients 0, N, 2N... are the sampled ones, each with every event in the window
+			if sampled := int64((clients + c.latencyEvery - 1) / c.latencyEvery); res.LatencySamples > sampled*events {
+				t.Errorf("%d latencies from %d sampled clients of %d events", res.LatencySamples, sampled, events)
+			}
+			var printed bytes.Buffer
+			res.print(&printed)
+			if said := strings.Contains(printed.String(), "from 1 client in 3"); said != (c.latencyEvery == 3) || (res.LatencyEvery > 1) != said {
+				t.Errorf("latency_every %d, summary:\n%s", res.LatencyEvery, printed.String())
+			}
 			if out.String() != "sseload: window-start\nsseload: window-end\n" {
 				t.Errorf("sync lines: %q", out.String())
 			}
 		})
 	}
 }
+
+// burstStream is what a coalescing proxy writes a client in a burst: many
+// origin events of 200 bytes back to back.
+func burstStream(events int) []byte {
+	var b []byte
+	pad := strings.Repeat("x", 140)
+	for i := 1; i <= events; i++ {
+		b = fmt.Appendf(b, "id: %d\ndata: {\"ts\":%d,\"seq\":%d,\"pad\":\"%s\"}\n\n", i, time.Now().UnixNano(), i, pad)
+	}
+	return b
+}
+
+func benchmarkFeed(b *testing.B, counting bool) {
+	stream := burstStream(1000)
+	now := time.Now()
+	b.SetBytes(int64(len(stream)))
+	b.ReportAllocs()
+	for b.Loop() {
+		p := &eventParser{l: testLoad(gapFromSeq, 0), res: &clientResult{}, counting: counting}
+		for s := stream; len(s) > 0; {
+			k := min(len(s), 16<<10) // reads of 16 KiB
+			if err := p.feed(s[:k], now); err != nil {
+				b.Fatal(err)
+			}
+			s = s[k:]
+		}
+	}
+}
+
+// The parser's cost per event against the counting one's: what bounds the
+// load tool's core in bursts.
+func BenchmarkParse(b *testing.B) { benchmarkFeed(b, false) }
+func BenchmarkCount(b *testing.B) { benchmarkFeed(b, true) }
