@@ -470,20 +470,17 @@ type rawSocket struct {
 }
 
 func newRawSocket(tcp *net.TCPConn) (*rawSocket, error) {
+	if !rawWrites {
+		return nil, errors.New("no raw socket writes on this platform")
+	}
 	rc, err := tcp.SyscallConn()
 	if err != nil {
 		return nil, err
 	}
 	s := &rawSocket{tcp: tcp, rc: rc}
 	s.fn = func(fd uintptr) bool {
-		for {
-			n, err := syscall.Write(int(fd), s.p)
-			if err == syscall.EINTR {
-				continue
-			}
-			s.n, s.err = max(n, 0), err
-			return true // done: never wait for the socket
-		}
+		s.n, s.err = writeNow(fd, s.p)
+		return true // done: never wait for the socket
 	}
 	return s, nil
 }
