@@ -38,11 +38,7 @@ func (p *eventParser) feed(b []byte, now time.Time) error {
 	for len(b) > 0 {
 		i := bytes.IndexByte(b, '\n')
 		if i < 0 {
-			if len(p.carry)+len(b) > maxLineLen {
-				return errLineTooLong
-			}
-			p.carry = append(p.carry, b...)
-			return nil
+			return p.keep(b)
 		}
 		line := b[:i]
 		b = b[i+1:]
@@ -53,6 +49,15 @@ func (p *eventParser) feed(b []byte, now time.Time) error {
 		p.line(line, now)
 		p.carry = p.carry[:0]
 	}
+	return nil
+}
+
+// keep holds b, more of a line that has not ended, for the next read.
+func (p *eventParser) keep(b []byte) error {
+	if len(p.carry)+len(b) > maxLineLen {
+		return errLineTooLong
+	}
+	p.carry = append(p.carry, b...)
 	return nil
 }
 
@@ -71,11 +76,7 @@ var (
 func (p *eventParser) countSeqs(b []byte) error {
 	end := bytes.LastIndexByte(b, '\n')
 	if end < 0 {
-		if len(p.carry)+len(b) > maxLineLen {
-			return errLineTooLong
-		}
-		p.carry = append(p.carry, b...)
-		return nil
+		return p.keep(b)
 	}
 	lines := b[:end+1]
 	var n int64
