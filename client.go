@@ -177,7 +177,7 @@ func (c *client) hijack(r *http.Request) bool {
 func (c *client) onHangup() {
 	c.gone.Store(true)
 	close(c.hangup)
-	c.s.fan.wake()
+	c.s.fan.signal()
 }
 
 // runOwn serves a hijacked client on the current goroutine until it is

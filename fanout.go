@@ -41,8 +41,17 @@ type fanout struct {
 	mu   sync.Mutex
 	adds []*client // handed over, not yet merged into fast
 
+	// signalled is set by a hang-up or a stream's signal (exit, reload,
+	// its end) since the writer last looked at every fast client
+	signalled atomic.Bool
+
 	// Owned by the writer goroutine.
 	fast []*client
+	// due is when the writer must look at every fast client again, for a
+	// keepalive or the end of a drain (zero: no such deadline)
+	due time.Time
+	// looked counts the clients looked at for signals, in all
+	looked int
 	// sent is where every fast client stands: all entries before it have
 	// been written to each.
 	sent uint64
@@ -53,6 +62,14 @@ type fanout struct {
 
 func newFanout(s *stream) *fanout {
 	return &fanout{s: s, poke: make(chan struct{}, 1), progress: make(chan struct{}, 1)}
+}
+
+// signal makes the writer look at every fast client in its next pass,
+// soon: one may have hung up, or the stream, its config or the process
+// may be ending. It never blocks.
+func (f *fanout) signal() {
+	f.signalled.Store(true)
+	f.wake()
 }
 
 // wake makes the writer run a pass soon; it never blocks.
@@ -169,6 +186,7 @@ func (f *fanout) pass() (next time.Time) {
 		f.sendAll(b, now)
 		f.sent = b.next
 	}
+	merged := len(f.fast)
 	for _, m := range merges {
 		f.merge(m.c, m.p, m.t, now)
 	}
@@ -184,7 +202,17 @@ func (f *fanout) pass() (next time.Time) {
 	if b.next != head || len(later) > 0 {
 		f.wake() // more than one batch was pending
 	}
-	return f.signals(now, final && b.next == head)
+	// every fast client is looked at only when something may have
+	// changed for it: looking at them all in each pass made a connection
+	// storm quadratic (a pass per few clients merged, over all of them)
+	streamOver := final && b.next == head
+	if f.signalled.Swap(false) || streamOver || closed(s.done) || closed(s.hub.exit) ||
+		(!f.due.IsZero() && !now.Before(f.due)) {
+		f.due = f.signals(now, streamOver)
+	} else {
+		f.due = f.lookAt(merged, now, false) // only those merged now
+	}
+	return f.due
 }
 
 // batch is what one pass writes to every fast client.
@@ -381,11 +409,25 @@ func (f *fanout) merge(c *client, catchUp []byte, t tally, now time.Time) {
 // stream's end) and writes keepalives to those idle long enough. It
 // returns the next deadline.
 func (f *fanout) signals(now time.Time, streamOver bool) (next time.Time) {
+	return f.lookAt(0, now, streamOver)
+}
+
+// lookAt applies signals to the fast clients from index from on, keeping
+// those that stay, and returns the earliest of f.due (for the clients
+// before from) and their deadlines; from 0, their deadlines alone.
+func (f *fanout) lookAt(from int, now time.Time, streamOver bool) (next time.Time) {
+	if from > 0 {
+		next = f.due
+	}
+	if from >= len(f.fast) {
+		return next
+	}
 	s := f.s
 	exit := closed(s.hub.exit)
 	torn := closed(s.done) && !streamOver
-	kept := f.fast[:0]
-	for _, c := range f.fast {
+	f.looked += len(f.fast) - from
+	kept := f.fast[:from]
+	for _, c := range f.fast[from:] {
 		end := ""
 		switch {
 		case c.gone.Load():

@@ -9,6 +9,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 // directClients attaches n clients to s as the fast path has them: real
@@ -16,35 +18,43 @@ import (
 // fast set. It returns the other ends, which the caller drains.
 func directClients(tb testing.TB, s *stream, h *Handler, n int) []*net.TCPConn {
 	tb.Helper()
+	peers := make([]*net.TCPConn, 0, n)
+	for range n {
+		c, peer := directClient(tb, s, h)
+		s.mu.Lock()
+		s.fan.fast = append(s.fan.fast, c)
+		s.fan.sent = s.hist.head
+		s.mu.Unlock()
+		peers = append(peers, peer)
+	}
+	return peers
+}
+
+// directClient makes one client of s on a real loopback TCP connection, as
+// the take-over leaves it, and returns it with the other end.
+func directClient(tb testing.TB, s *stream, h *Handler) (*client, *net.TCPConn) {
+	tb.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		tb.Fatal(err)
 	}
 	defer ln.Close()
-	peers := make([]*net.TCPConn, 0, n)
-	for range n {
-		peer, err := net.Dial("tcp", ln.Addr().String())
-		if err != nil {
-			tb.Fatal(err)
-		}
-		conn, err := ln.Accept()
-		if err != nil {
-			tb.Fatal(err)
-		}
-		raw, err := newRawSocket(conn.(*net.TCPConn))
-		if err != nil {
-			tb.Fatal(err)
-		}
-		c := &client{h: h, s: s, sock: raw, hangup: make(chan struct{}), started: time.Now(), cursor: s.position()}
-		s.hub.hijacked.Add(1)
-		s.mu.Lock()
-		s.fan.fast = append(s.fan.fast, c)
-		s.fan.sent = s.hist.head
-		s.mu.Unlock()
-		peers = append(peers, peer.(*net.TCPConn))
-		tb.Cleanup(func() { peer.Close(); conn.Close() })
+	peer, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		tb.Fatal(err)
 	}
-	return peers
+	conn, err := ln.Accept()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { peer.Close(); conn.Close() })
+	raw, err := newRawSocket(conn.(*net.TCPConn))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	s.hub.hijacked.Add(1)
+	c := &client{h: h, s: s, sock: raw, hangup: make(chan struct{}), started: time.Now(), cursor: s.position()}
+	return c, peer.(*net.TCPConn)
 }
 
 // drain reads what the peers received so far without waiting (a
@@ -106,6 +116,58 @@ func TestDirectDeliveryAllocatesNothing(t *testing.T) {
 	}
 	if n := len(s.fan.fast); n != 100 {
 		t.Fatalf("%d clients left the fast set", n)
+	}
+}
+
+// A storm of clients joining costs one look at each for signals, not a
+// look at every fast client per pass; a signal still has the writer look
+// at all of them, and a client that hung up leaves at once.
+func TestJoiningLooksOnlyAtTheNewClients(t *testing.T) {
+	s := benchStream(t)
+	h := benchHandler()
+	directClients(t, s, h, 200)
+	f := s.fan
+	f.pass()
+	base := f.looked
+	var last *client
+	for range 200 { // one pass per client joining, the worst case
+		c, _ := directClient(t, s, h)
+		f.mu.Lock()
+		f.adds = append(f.adds, c)
+		f.mu.Unlock()
+		f.pass()
+		last = c
+	}
+	if n := len(f.fast); n != 400 {
+		t.Fatalf("%d fast clients, want 400", n)
+	}
+	if looked := f.looked - base; looked != 200 {
+		t.Fatalf("200 clients joining one pass each: %d looks, want 200 (one each)", looked)
+	}
+	// counted as a client that joined and was taken over, as its end
+	// uncounts it
+	s.hub.mu.Lock()
+	s.clients++
+	s.hub.mu.Unlock()
+	metrics.clients.Inc()
+	metrics.directClients.Inc()
+	clients0, direct0 := testutil.ToFloat64(metrics.clients), direct()
+	last.onHangup()
+	base = f.looked
+	f.pass()
+	if looked := f.looked - base; looked != 400 {
+		t.Fatalf("after a hang-up: %d looks, want 400 (every client)", looked)
+	}
+	if n := len(f.fast); n != 399 {
+		t.Fatalf("after a hang-up: %d fast clients, want 399", n)
+	}
+	if c, d := testutil.ToFloat64(metrics.clients), direct(); c != clients0-1 || d != direct0-1 {
+		t.Fatalf("after a hang-up: gauges %v clients, %v direct, want %v and %v", c, d, clients0-1, direct0-1)
+	}
+	base = f.looked
+	f.pass()
+	if looked := f.looked - base; looked != 0 {
+		t.Fatalf("a pass with nothing to look at: %d looks", looked)
 	}
 }
 

@@ -224,7 +224,7 @@ func (s *stream) signal() {
 	s.wake = make(chan struct{})
 	s.mu.Unlock()
 	close(wake)
-	s.fan.wake()
+	s.fan.signal()
 }
 
 // answer records how the origin answered; the first answer, whatever it
