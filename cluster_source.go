@@ -701,12 +701,11 @@ func (c *clusterSource) hold(ctx context.Context, rev uint64) (over bool) {
 		c.debug("cluster: take-over failed", zap.Error(err))
 		return false
 	}
-	u := c.s.upstreamFrom("", sourceStream)
+	resume := c.s.initialID // "" for none
 	if prev.hasOriginID {
-		u.resume = prev.originID
-	} else if c.s.initialID != "" {
-		u.resume = c.s.initialID
+		resume = prev.originID
 	}
+	u := c.s.upstreamFrom(resume, sourceStream)
 	if c.s.hub.assignIDs {
 		_, _, _, epoch := c.cl.objects()
 		u.ids = &idAssigner{epoch: epoch, seq: prev.proxySeq}

@@ -534,22 +534,17 @@ func (l *load) protocol() string {
 // event accounts for one dispatched event of a client, received at now.
 // ts is the data's send time (0: none); seq its sequence number if ok.
 func (l *load) event(res *clientResult, now time.Time, ts int64, seq uint64, ok bool) {
-	res.events++
-	l.total.Add(1)
 	if ok {
 		l.sequence(res, seq)
 	}
-	if !l.measuring.Load() {
-		return
-	}
-	l.window.Add(1)
-	if ts > 0 {
+	l.counted(res, 1)
+	if ts > 0 && l.measuring.Load() {
 		l.lat.record(now.Sub(time.Unix(0, ts)))
 	}
 }
 
-// counted accounts for n events of a client whose events are only
-// counted (their sequence numbers went to sequence already).
+// counted accounts for n events of a client, whose sequence numbers went
+// to sequence already: in all, and in the window while it is open.
 func (l *load) counted(res *clientResult, n int64) {
 	if n == 0 {
 		return
