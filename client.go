@@ -87,7 +87,7 @@ type client struct {
 // handedOff then says that the client is no longer this request's.
 func (h *Handler) serveClient(w http.ResponseWriter, r *http.Request, s *stream, arrived uint64, last lastID) (handedOff bool) {
 	ctx := r.Context()
-	if !h.awaitFirstAnswer(ctx, s) {
+	if !s.fan.yieldToPass(ctx) || !h.awaitFirstAnswer(ctx, s) {
 		return false
 	}
 	c := &client{h: h, s: s, w: w, rc: http.NewResponseController(w), timeout: time.Duration(h.WriteTimeout)}

@@ -2,6 +2,7 @@ package ssefanout
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"net"
 	"runtime"
@@ -40,6 +41,10 @@ type fanout struct {
 
 	mu   sync.Mutex
 	adds []*client // handed over, not yet merged into fast
+	// inPass is whether a pass is underway; passEnd, made when a joining
+	// client first waits for it (see yieldToPass), is closed at its end
+	inPass  bool
+	passEnd chan struct{}
 
 	// signalled is set by a hang-up or a stream's signal (exit, reload,
 	// its end) since the writer last looked at every fast client
@@ -100,6 +105,43 @@ func (f *fanout) adopt(c *client) {
 	f.wake()
 }
 
+// yieldToPass waits, at most until the pass underway ends, before a
+// joining client does its part of its connection's work (its response
+// head, the hijack, its catch-up). In a connection storm the writer then
+// shares the processor with the requests still arriving, not with all of
+// them: the clients already there get each event first, as they would
+// from a server whose fan-out holds its only thread. No event is lost by
+// the wait: the client's place was taken when it arrived. It reports
+// false when the client went away meanwhile.
+func (f *fanout) yieldToPass(ctx context.Context) bool {
+	f.mu.Lock()
+	if !f.inPass {
+		f.mu.Unlock()
+		return true
+	}
+	if f.passEnd == nil {
+		f.passEnd = make(chan struct{})
+	}
+	end := f.passEnd
+	f.mu.Unlock()
+	select {
+	case <-end:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+// passEndedLocked lets the clients that waited for the pass go on. The
+// caller holds mu.
+func (f *fanout) passEndedLocked() {
+	f.inPass = false
+	if f.passEnd != nil {
+		close(f.passEnd)
+		f.passEnd = nil
+	}
+}
+
 // run is the writer: a pass at each publish or signal, and at the next
 // keepalive or drain deadline, until no fast client is left.
 func (f *fanout) run() {
@@ -116,6 +158,7 @@ func (f *fanout) run() {
 		}
 		f.sentAt.Store(sentAt)
 		f.active.Store(len(f.fast) > 0 || len(f.adds) > 0)
+		f.passEndedLocked()
 		select {
 		case f.progress <- struct{}{}:
 		default:
@@ -145,6 +188,7 @@ func (f *fanout) pass() (next time.Time) {
 	f.mu.Lock()
 	adds := f.adds
 	f.adds = nil
+	f.inPass = true
 	f.mu.Unlock()
 
 	s.mu.RLock()

@@ -3,6 +3,7 @@ package ssefanout
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -399,5 +400,85 @@ func TestDirectClientsCostLittle(t *testing.T) {
 	t.Logf("heap per direct client: %d bytes", perClient)
 	if perClient > 4096 {
 		t.Errorf("a direct client holds %d bytes of heap, want at most 4 KiB", perClient)
+	}
+}
+
+// A client joining while its stream's writer is in a pass waits for that
+// pass to end before its head, so that in a connection storm the clients
+// already there get each event first; what was published while it waited
+// still reaches it, and one that hangs up while waiting leaves its stream.
+func TestJoiningClientWaitsForThePassUnderway(t *testing.T) {
+	leakCheck(t)
+	o := newOrigin(t)
+	base := startCaddy(t, "sse_fanout "+o.URL+" {\n keepalive off\n linger off\n}")
+	a, aResp := rawStream(t, base, "/j", 0)
+	o.waitOpen(t, "/j", 1, 5*time.Second)
+	eventually(t, 5*time.Second, func() bool { return direct() == 1 }, func() string {
+		return fmt.Sprintf("%v direct clients, want 1", direct())
+	})
+	var gotA strings.Builder
+	o.send("/j", ev(1, "e1"))
+	readUntil(t, a, aResp.Body, &gotA, ev(1, "e1"), 5*time.Second)
+
+	var s *stream
+	hubs.Range(func(_, v any) bool {
+		if ss := v.(*hub).snapshotStreams(); len(ss) == 1 {
+			s = ss[0]
+		}
+		return true
+	})
+	if s == nil {
+		t.Fatal("no stream in the hub")
+	}
+	// once the writer is idle (its pass for e1 over, nothing to wake it
+	// with keepalive off), joiners are told a pass is underway: the next
+	// publish's pass ends it
+	f := s.fan
+	eventually(t, 5*time.Second, func() bool {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		if f.inPass {
+			return false
+		}
+		f.inPass = true
+		return true
+	}, func() string { return "the writer's pass for e1 did not end" })
+
+	addr := strings.TrimPrefix(base, "http://")
+	dial := func() net.Conn {
+		conn, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { conn.Close() })
+		fmt.Fprintf(conn, "GET /j HTTP/1.1\r\nHost: %s\r\nAccept: text/event-stream\r\n\r\n", addr)
+		return conn
+	}
+	gone := dial() // hangs up while it waits
+	b := dial()
+	eventually(t, 5*time.Second, func() bool { return s.clientCount() == 3 }, func() string {
+		return fmt.Sprintf("%d clients attached, want 3", s.clientCount())
+	})
+	_ = b.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+	if n, err := b.Read(make([]byte, 1)); n != 0 || !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("a client joining during a pass got its head before the pass ended: %d bytes, %v", n, err)
+	}
+	_ = b.SetReadDeadline(time.Time{})
+	gone.Close()
+	eventually(t, 5*time.Second, func() bool { return s.clientCount() == 2 }, func() string {
+		return fmt.Sprintf("%d clients attached after one hung up while waiting, want 2", s.clientCount())
+	})
+
+	o.send("/j", ev(2, "e2")) // its pass ends the wait
+	readUntil(t, a, aResp.Body, &gotA, ev(2, "e2"), 5*time.Second)
+	_ = b.SetReadDeadline(time.Now().Add(10 * time.Second))
+	bResp, err := http.ReadResponse(bufio.NewReader(b), nil)
+	if err != nil {
+		t.Fatalf("the waiting client's head after the pass: %v", err)
+	}
+	var gotB strings.Builder
+	readUntil(t, b, bResp.Body, &gotB, ev(2, "e2"), 5*time.Second)
+	if gotB.String() != ev(2, "e2") {
+		t.Fatalf("the client that waited got %q, want e2, published while it waited", gotB.String())
 	}
 }
