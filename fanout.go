@@ -41,8 +41,9 @@ type fanout struct {
 
 	mu   sync.Mutex
 	adds []*client // handed over, not yet merged into fast
-	// inPass is whether a pass is underway; passEnd, made when a joining
-	// client first waits for it (see yieldToPass), is closed at its end
+	// inPass is whether a pass is underway: set as pass takes the clients
+	// to merge, cleared by run after it. passEnd, made when a joining
+	// client first waits for it (see yieldToPass), is closed at its end.
 	inPass  bool
 	passEnd chan struct{}
 
@@ -105,14 +106,16 @@ func (f *fanout) adopt(c *client) {
 	f.wake()
 }
 
-// yieldToPass waits, at most until the pass underway ends, before a
-// joining client does its part of its connection's work (its response
-// head, the hijack, its catch-up). In a connection storm the writer then
-// shares the processor with the requests still arriving, not with all of
-// them: the clients already there get each event first, as they would
-// from a server whose fan-out holds its only thread. No event is lost by
-// the wait: the client's place was taken when it arrived. It reports
-// false when the client went away meanwhile.
+// yieldToPass makes a joining client wait, when its stream's writer is in
+// a pass, until that pass ends, before the client's own part of its
+// connection's work: its response head and, on the fast path, its
+// take-over and catch-up. In a connection storm on a busy core the writer
+// then competes only with the part of each request that comes before the
+// handler, and keeps to its passes, as a server whose fan-out holds its
+// only thread does. Nothing is lost by the wait: the client has had no
+// byte yet, and starts from the place it arrived at (or the oldest entry
+// kept, if a burst meanwhile evicted that place: see client.start). It
+// reports false when the client went away meanwhile.
 func (f *fanout) yieldToPass(ctx context.Context) bool {
 	f.mu.Lock()
 	if !f.inPass {

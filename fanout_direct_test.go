@@ -403,46 +403,110 @@ func TestDirectClientsCostLittle(t *testing.T) {
 	}
 }
 
-// A client joining while its stream's writer is in a pass waits for that
-// pass to end before its head, so that in a connection storm the clients
-// already there get each event first; what was published while it waited
-// still reaches it, and one that hangs up while waiting leaves its stream.
+// yieldToPass returns at once when no pass is underway; otherwise it
+// waits for the pass's end, which releases every waiter together, or for
+// the client to go away.
+func TestYieldToPass(t *testing.T) {
+	f := newFanout(nil)
+	if !f.yieldToPass(context.Background()) { // would hang if it waited
+		t.Fatal("no pass underway: the client was turned away")
+	}
+	f.mu.Lock()
+	f.inPass = true // as pass sets it
+	f.mu.Unlock()
+	released := make(chan bool, 2)
+	for range 2 {
+		go func() { released <- f.yieldToPass(context.Background()) }()
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	gone := make(chan bool, 1)
+	go func() { gone <- f.yieldToPass(ctx) }()
+	select {
+	case stayed := <-released:
+		t.Fatalf("a client returned during the pass (stayed %v)", stayed)
+	case <-gone:
+		t.Fatal("a client returned during the pass before it went away")
+	case <-time.After(100 * time.Millisecond):
+	}
+	cancel()
+	if <-gone {
+		t.Fatal("a client gone while waiting was told to go on")
+	}
+	f.mu.Lock()
+	f.passEndedLocked()
+	pending := f.passEnd
+	f.mu.Unlock()
+	for range 2 {
+		select {
+		case stayed := <-released:
+			if !stayed {
+				t.Fatal("a client released by the pass's end was turned away")
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatal("the pass's end did not release every waiting client")
+		}
+	}
+	if pending != nil {
+		t.Fatal("the pass's end left its channel for the next pass")
+	}
+}
+
+// A client whose place in the stream was evicted while it waited for a
+// pass (a burst larger than the history) starts at the oldest entry kept,
+// and is let catch up from there: it has had no byte, so it has lost
+// nothing it was sent, and is not a client that fell behind.
+func TestStartAfterArrivalEvicted(t *testing.T) {
+	s := testStream(8, 1<<20)
+	defer s.hub.Destruct()
+	arrived := s.position()
+	for i := range 20 {
+		pub(s, fmt.Sprint(i), true, fmt.Sprintf("<%d>", i))
+	}
+	c := &client{h: &Handler{}, s: s}
+	c.start(lastID{}, arrived)
+	if c.cursor != 12 || c.arrived != 12 {
+		t.Fatalf("cursor %d, arrived %d after the place it arrived at (%d) was evicted; want both at the oldest entry kept (12)", c.cursor, c.arrived, arrived)
+	}
+	out, _, next, _, behind := collectAt(s, c.cursor, new(*[]byte), false)
+	if string(out) != "<12><13><14><15><16><17><18><19>" || next != 20 || behind == lagEvicted {
+		t.Fatalf("from where it starts: %q up to %d, behind %v", out, next, behind)
+	}
+	// one whose place is still held starts there, as without the wait
+	c = &client{h: &Handler{}, s: s}
+	c.start(lastID{}, 15)
+	if c.cursor != 15 || c.arrived != 15 {
+		t.Fatalf("cursor %d, arrived %d for a place still held; want 15", c.cursor, c.arrived)
+	}
+}
+
+// Through Caddy: a client joining while its stream's writer is in a pass
+// gets no byte until that pass ends, then gets what was published since
+// it arrived, as without the wait; one that hangs up while waiting gets no
+// head and leaves its stream.
 func TestJoiningClientWaitsForThePassUnderway(t *testing.T) {
 	leakCheck(t)
 	o := newOrigin(t)
 	base := startCaddy(t, "sse_fanout "+o.URL+" {\n keepalive off\n linger off\n}")
 	a, aResp := rawStream(t, base, "/j", 0)
 	o.waitOpen(t, "/j", 1, 5*time.Second)
-	eventually(t, 5*time.Second, func() bool { return direct() == 1 }, func() string {
-		return fmt.Sprintf("%v direct clients, want 1", direct())
-	})
 	var gotA strings.Builder
 	o.send("/j", ev(1, "e1"))
 	readUntil(t, a, aResp.Body, &gotA, ev(1, "e1"), 5*time.Second)
-
-	var s *stream
-	hubs.Range(func(_, v any) bool {
-		if ss := v.(*hub).snapshotStreams(); len(ss) == 1 {
-			s = ss[0]
-		}
-		return true
-	})
-	if s == nil {
-		t.Fatal("no stream in the hub")
-	}
-	// once the writer is idle (its pass for e1 over, nothing to wake it
-	// with keepalive off), joiners are told a pass is underway: the next
-	// publish's pass ends it
+	s := findStream(t, "/j")
 	f := s.fan
+	// joiners are told a pass is underway once the writer is idle: with
+	// keepalive off, only a publish wakes it then. A pass still under way
+	// (a's take-over, e1) clears the flag: set it again until it holds.
+	var setAt time.Time
 	eventually(t, 5*time.Second, func() bool {
 		f.mu.Lock()
 		defer f.mu.Unlock()
-		if f.inPass {
+		if !f.inPass {
+			f.inPass, setAt = true, time.Now()
 			return false
 		}
-		f.inPass = true
-		return true
-	}, func() string { return "the writer's pass for e1 did not end" })
+		return time.Since(setAt) > 200*time.Millisecond
+	}, func() string { return "the writer did not go idle" })
 
 	addr := strings.TrimPrefix(base, "http://")
 	dial := func() net.Conn {
@@ -454,20 +518,31 @@ func TestJoiningClientWaitsForThePassUnderway(t *testing.T) {
 		fmt.Fprintf(conn, "GET /j HTTP/1.1\r\nHost: %s\r\nAccept: text/event-stream\r\n\r\n", addr)
 		return conn
 	}
-	gone := dial() // hangs up while it waits
+	gone := dial()
 	b := dial()
 	eventually(t, 5*time.Second, func() bool { return s.clientCount() == 3 }, func() string {
 		return fmt.Sprintf("%d clients attached, want 3", s.clientCount())
 	})
-	_ = b.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
-	if n, err := b.Read(make([]byte, 1)); n != 0 || !errors.Is(err, os.ErrDeadlineExceeded) {
-		t.Fatalf("a client joining during a pass got its head before the pass ended: %d bytes, %v", n, err)
+	for _, c := range []net.Conn{gone, b} {
+		_ = c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+		if n, err := c.Read(make([]byte, 1)); n != 0 || !errors.Is(err, os.ErrDeadlineExceeded) {
+			t.Fatalf("a client joining during a pass got its head before the pass ended: %d bytes, %v", n, err)
+		}
+		_ = c.SetReadDeadline(time.Time{})
 	}
-	_ = b.SetReadDeadline(time.Time{})
+	f.mu.Lock()
+	waiting := f.inPass && f.passEnd != nil
+	f.mu.Unlock()
+	if !waiting {
+		t.Fatal("the joining clients are not waiting for the pass")
+	}
 	gone.Close()
 	eventually(t, 5*time.Second, func() bool { return s.clientCount() == 2 }, func() string {
 		return fmt.Sprintf("%d clients attached after one hung up while waiting, want 2", s.clientCount())
 	})
+	if d := direct(); d != 1 {
+		t.Fatalf("%v direct clients after one hung up while waiting, want 1 (it must not be taken over)", d)
+	}
 
 	o.send("/j", ev(2, "e2")) // its pass ends the wait
 	readUntil(t, a, aResp.Body, &gotA, ev(2, "e2"), 5*time.Second)
@@ -476,9 +551,10 @@ func TestJoiningClientWaitsForThePassUnderway(t *testing.T) {
 	if err != nil {
 		t.Fatalf("the waiting client's head after the pass: %v", err)
 	}
+	o.send("/j", ev(3, "e3"))
 	var gotB strings.Builder
-	readUntil(t, b, bResp.Body, &gotB, ev(2, "e2"), 5*time.Second)
-	if gotB.String() != ev(2, "e2") {
-		t.Fatalf("the client that waited got %q, want e2, published while it waited", gotB.String())
+	readUntil(t, b, bResp.Body, &gotB, ev(3, "e3"), 5*time.Second)
+	if want := ev(2, "e2") + ev(3, "e3"); gotB.String() != want {
+		t.Fatalf("the client that waited got %q, want %q: what was published since it arrived", gotB.String(), want)
 	}
 }
