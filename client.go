@@ -253,10 +253,7 @@ func (c *client) start(last lastID, arrived uint64) (prelude []byte, respHeader 
 	if s.state == stateFinal {
 		return nil, nil, s.final
 	}
-	// a burst while the client waited for a pass (see yieldToPass) may
-	// have evicted the place it arrived at: having had no byte, it starts
-	// at the oldest entry kept, not as a client lagging from the start
-	c.arrived = max(arrived, s.hist.oldest())
+	c.arrived = arrived
 	found := false
 	if last.set {
 		c.cursor, found = s.find(last.id)
@@ -270,8 +267,11 @@ func (c *client) start(last lastID, arrived uint64) (prelude []byte, respHeader 
 	}
 	if !found {
 		// what was published while the client waited for the origin's
-		// first answer is live to it, not history
-		c.cursor = min(h.replayStart(s), c.arrived)
+		// first answer, or for a pass (see yieldToPass), is live to it,
+		// not history. A burst meanwhile may have evicted the place it
+		// arrived at: having had no byte, it starts at the oldest entry
+		// kept, not as a client lagging from the start.
+		c.cursor = min(h.replayStart(s), max(arrived, s.hist.oldest()))
 	}
 	var pre []byte
 	// the origin's latest retry line, when still ahead of the cursor,
