@@ -31,16 +31,7 @@ import (
 // framing error fails the read.
 func rawStream(t testing.TB, base, path string, recvBuf int) (net.Conn, *http.Response) {
 	t.Helper()
-	addr := strings.TrimPrefix(base, "http://")
-	conn, err := net.Dial("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if recvBuf > 0 {
-		_ = conn.(*net.TCPConn).SetReadBuffer(recvBuf)
-	}
-	t.Cleanup(func() { conn.Close() })
-	fmt.Fprintf(conn, "GET %s HTTP/1.1\r\nHost: %s\r\nAccept: text/event-stream\r\n\r\n", path, addr)
+	conn := dialStream(t, base, path, recvBuf)
 	_ = conn.SetReadDeadline(time.Now().Add(10 * time.Second))
 	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
 	if err != nil {
@@ -508,18 +499,8 @@ func TestJoiningClientWaitsForThePassUnderway(t *testing.T) {
 		return time.Since(setAt) > 200*time.Millisecond
 	}, func() string { return "the writer did not go idle" })
 
-	addr := strings.TrimPrefix(base, "http://")
-	dial := func() net.Conn {
-		conn, err := net.Dial("tcp", addr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { conn.Close() })
-		fmt.Fprintf(conn, "GET /j HTTP/1.1\r\nHost: %s\r\nAccept: text/event-stream\r\n\r\n", addr)
-		return conn
-	}
-	gone := dial()
-	b := dial()
+	gone := dialStream(t, base, "/j", 0)
+	b := dialStream(t, base, "/j", 0)
 	eventually(t, 5*time.Second, func() bool { return s.clientCount() == 3 }, func() string {
 		return fmt.Sprintf("%d clients attached, want 3", s.clientCount())
 	})

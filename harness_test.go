@@ -560,19 +560,28 @@ func newOriginOn(t testing.TB, port int) *origin {
 	return o
 }
 
-// dialStuck opens a stream on a raw socket with a small receive buffer and
-// never reads from it: a client that stopped reading.
-func dialStuck(t testing.TB, base, path string) net.Conn {
+// dialStream sends a stream's request on a raw socket, with a receive
+// buffer of recvBuf bytes (0: the system's), and returns without reading.
+func dialStream(t testing.TB, base, path string, recvBuf int) net.Conn {
 	t.Helper()
 	addr := strings.TrimPrefix(base, "http://")
 	conn, err := net.Dial("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}
-	_ = conn.(*net.TCPConn).SetReadBuffer(4096)
+	if recvBuf > 0 {
+		_ = conn.(*net.TCPConn).SetReadBuffer(recvBuf)
+	}
 	t.Cleanup(func() { conn.Close() })
 	fmt.Fprintf(conn, "GET %s HTTP/1.1\r\nHost: %s\r\nAccept: text/event-stream\r\n\r\n", path, addr)
 	return conn
+}
+
+// dialStuck opens a stream on a raw socket with a small receive buffer and
+// never reads from it: a client that stopped reading.
+func dialStuck(t testing.TB, base, path string) net.Conn {
+	t.Helper()
+	return dialStream(t, base, path, 4096)
 }
 
 // findStream returns the live stream whose upstream path is path.
