@@ -10,6 +10,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/sse-fanout/caddy-sse-fanout/internal/rawwrite"
 )
 
 // The fan-out fast path. A plaintext HTTP/1.1 client's connection is taken
@@ -559,7 +561,8 @@ type rawSocket struct {
 }
 
 func newRawSocket(tcp *net.TCPConn) (*rawSocket, error) {
-	if !rawWrites {
+	if !rawwrite.Supported {
+		// every client is served through net/http
 		return nil, errors.New("no raw socket writes on this platform")
 	}
 	rc, err := tcp.SyscallConn()
@@ -568,7 +571,7 @@ func newRawSocket(tcp *net.TCPConn) (*rawSocket, error) {
 	}
 	s := &rawSocket{tcp: tcp, rc: rc}
 	s.fn = func(fd uintptr) bool {
-		s.n, s.err = writeNow(fd, s.p)
+		s.n, s.err = rawwrite.Write(fd, s.p)
 		return true // done: never wait for the socket
 	}
 	return s, nil

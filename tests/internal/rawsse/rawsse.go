@@ -18,7 +18,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
-	"unsafe"
+
+	"github.com/sse-fanout/caddy-sse-fanout/internal/rawwrite"
 )
 
 // Head is the response head every client gets: the events follow as
@@ -167,7 +168,9 @@ func (c *Clients) write(cl *client, p []byte) bool {
 	if len(p) == 0 {
 		return true
 	}
-	n, err := writeNow(cl.fd, p)
+	// the plugin's own write, so that the floor is the least a proxy
+	// can do
+	n, err := rawwrite.Write(uintptr(cl.fd), p)
 	switch {
 	case errors.Is(err, syscall.EAGAIN):
 		n = 0
@@ -180,24 +183,6 @@ func (c *Clients) write(cl *client, p []byte) bool {
 	}
 	cl.pending = append(cl.pending[:0], rest...) // may move within pending itself
 	return true
-}
-
-// writeNow is one write(2) to a non-blocking descriptor, as a raw system
-// call: without the scheduler's hand-off around a call that may block,
-// which a non-blocking write does not, and which costs more than a tenth
-// of a loopback write. sse_fanout writes its clients the same way, so the
-// floor stays the least a proxy can do.
-func writeNow(fd int, p []byte) (int, error) {
-	for {
-		n, _, errno := syscall.RawSyscall(syscall.SYS_WRITE, uintptr(fd), uintptr(unsafe.Pointer(unsafe.SliceData(p))), uintptr(len(p)))
-		switch errno {
-		case 0:
-			return int(n), nil
-		case syscall.EINTR:
-			continue
-		}
-		return 0, errno
-	}
 }
 
 func (c *Clients) drop(cl *client) {

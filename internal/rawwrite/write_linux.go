@@ -1,22 +1,22 @@
-package ssefanout
+package rawwrite
 
 import (
 	"syscall"
 	"unsafe"
 )
 
-// rawWrites is whether hijacked clients can be written with writeNow.
-const rawWrites = true
+// Supported is whether Write can be used on this platform.
+const Supported = true
 
-// writeNow makes one write(2) to a non-blocking socket. It is a raw system
+// Write makes one write(2) to a non-blocking socket. It is a raw system
 // call, without the scheduler's hand-off around a call that may block: a
 // non-blocking write returns at once, and the hand-off, with the runtime
 // retaking the processor from writes that took over 20 µs, cost 13% of
-// the CPU per delivery at 10,000 clients. The caller holds the socket
-// through its RawConn, so its descriptor is not closed, or reused, during
-// the call. It returns what was written, with syscall.EAGAIN when the
+// the CPU per delivery at 10,000 clients. The caller keeps the descriptor
+// from being closed, or reused, during the call (the plugin holds the
+// socket through its RawConn). It returns what was written, with syscall.EAGAIN when the
 // socket's buffer is full.
-func writeNow(fd uintptr, p []byte) (int, error) {
+func Write(fd uintptr, p []byte) (int, error) {
 	for {
 		n, _, errno := syscall.RawSyscall(syscall.SYS_WRITE, fd, uintptr(unsafe.Pointer(unsafe.SliceData(p))), uintptr(len(p)))
 		switch errno {
