@@ -255,12 +255,12 @@ func (f *fanout) pass() (next time.Time) {
 	// changed for it: looking at them all in each pass made a connection
 	// storm quadratic (a pass per few clients merged, over all of them)
 	streamOver := final && b.next == head
+	from := merged // only those merged now
 	if f.signalled.Swap(false) || streamOver || closed(s.done) || closed(s.hub.exit) ||
 		(!f.due.IsZero() && !now.Before(f.due)) {
-		f.due = f.signals(now, streamOver)
-	} else {
-		f.due = f.lookAt(merged, now, false) // only those merged now
+		from = 0
 	}
+	f.due = f.signals(from, now, streamOver)
 	return f.due
 }
 
@@ -454,17 +454,11 @@ func (f *fanout) merge(c *client, catchUp []byte, t tally, now time.Time) {
 	f.fast = append(f.fast, c)
 }
 
-// signals ends the fast clients that must end (hang-up, exit, drain, the
-// stream's end) and writes keepalives to those idle long enough. It
-// returns the next deadline.
-func (f *fanout) signals(now time.Time, streamOver bool) (next time.Time) {
-	return f.lookAt(0, now, streamOver)
-}
-
-// lookAt applies signals to the fast clients from index from on, keeping
-// those that stay, and returns the earliest of f.due (for the clients
-// before from) and their deadlines; from 0, their deadlines alone.
-func (f *fanout) lookAt(from int, now time.Time, streamOver bool) (next time.Time) {
+// signals looks at the fast clients from index from on: it ends those
+// that must end (hang-up, exit, drain, the stream's end) and writes
+// keepalives to those idle long enough. It returns the next deadline: the
+// earliest of theirs and, for the clients before from, f.due.
+func (f *fanout) signals(from int, now time.Time, streamOver bool) (next time.Time) {
 	if from > 0 {
 		next = f.due
 	}
