@@ -345,8 +345,9 @@ func (f *fallbackSink) originID(id string) { f.c.setOrigin(id, true) }
 // where it stands, and keeps doing so as they come; a consumer that fails
 // is made again from the next sequence.
 func (c *clusterSource) follow(ctx context.Context, sink sink) error {
+	past := &logPast{since: time.Now()}
 	for backoff := 100 * time.Millisecond; ctx.Err() == nil; backoff = min(2*backoff, time.Second) {
-		err := c.consume(ctx, sink)
+		err := c.consume(ctx, sink, past)
 		if errors.Is(err, errStreamOver) {
 			return err
 		}
@@ -363,8 +364,43 @@ func (c *clusterSource) follow(ctx context.Context, sink sink) error {
 	return nil
 }
 
+// logPast is what the log held when this node began following it: a
+// final answer in it is the past of a stream that the holder asks again.
+// It is read once, by the first consumer that gets an answer from the log,
+// and kept by the consumers made after a failure: what the log took while
+// they were being made is new to this follower, and a final answer among
+// it ends the stream. When the first read is late (NATS settling, its
+// server stalled), what was written after the follower began is new all
+// the same, by the log's timestamps.
+type logPast struct {
+	since time.Time // when the follower began
+	end   uint64    // the subject's last sequence at the first read
+	read  bool
+}
+
+// learn reads where the past ends in the log, unless it was read before.
+func (p *logPast) learn(ctx context.Context, log jetstream.Stream, subject string) error {
+	if p.read {
+		return nil
+	}
+	m, err := log.GetLastMsgForSubject(ctx, subject)
+	switch {
+	case err == nil:
+		p.end = m.Sequence
+	case !errors.Is(err, jetstream.ErrMsgNotFound):
+		return err
+	}
+	p.read = true
+	return nil
+}
+
+// holds reports whether a log message is of the past.
+func (p *logPast) holds(md *jetstream.MsgMetadata) bool {
+	return md.Sequence.Stream <= p.end && md.Timestamp.Before(p.since)
+}
+
 // consume runs one consumer of the stream's subject until it fails.
-func (c *clusterSource) consume(ctx context.Context, sink sink) error {
+func (c *clusterSource) consume(ctx context.Context, sink sink, past *logPast) error {
 	log, _, _, epoch := c.cl.objects()
 	c.mu.Lock()
 	start, splicing := c.applied+1, c.hasSplice
@@ -387,12 +423,7 @@ func (c *clusterSource) consume(ctx context.Context, sink sink) error {
 	// until it has one
 	reconnected := c.cl.link.reconnects()
 	cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-	// what the log held when this follower started is history: a final
-	// answer in it is the past of a stream that the holder asks again
-	historyEnd := uint64(0)
-	if m, err := log.GetLastMsgForSubject(cctx, c.subject); err == nil {
-		historyEnd = m.Sequence
-	} else if !errors.Is(err, jetstream.ErrMsgNotFound) {
+	if err := past.learn(cctx, log, c.subject); err != nil {
 		cancel()
 		return err
 	}
@@ -414,7 +445,7 @@ func (c *clusterSource) consume(ctx context.Context, sink sink) error {
 			return // this consumer, or this stretch of following, is over
 		}
 		c.followErrSince.Store(0)
-		if final := c.apply(m, md, sink, epoch, md.Sequence.Stream <= historyEnd); final {
+		if final := c.apply(m, md, sink, epoch, past.holds(md)); final {
 			overOnce.Do(func() { close(over) })
 		}
 	}, jetstream.PullHeartbeat(time.Second), jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) {
